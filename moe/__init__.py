@@ -1,0 +1,19 @@
+"""moe: a readable, fast PyTorch reference implementation of Mixture-of-Experts transformers."""
+
+from .config import ModelConfig, MoEConfig, config_from_dict, load_config
+from .layer import MoE, update_expert_biases
+from .model import Transformer, layer_plan
+from .router import Router
+
+__all__ = [
+    "ModelConfig",
+    "MoEConfig",
+    "MoE",
+    "Router",
+    "Transformer",
+    "config_from_dict",
+    "layer_plan",
+    "load_config",
+    "update_expert_biases",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,134 @@
+"""Attention: grouped-query attention (GQA) and DeepSeek-V3's multi-head latent attention
+(MLA), both through `scaled_dot_product_attention`, both with a KV cache for decoding.
+
+Legend: B = batch, T = new tokens, S = cached + new tokens, D = hidden size, H = query heads,
+Hkv = key/value heads, Dh = head dim, C = MLA's compressed KV rank (kv_lora_rank),
+Dn / Dr / Dv = MLA's no-RoPE q/k dims, RoPE q/k dims, value dims.
+
+Projection names follow the Hugging Face implementations (q_proj, kv_a_proj_with_mqa, ...)
+so that checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .norm import RMSNorm
+from .rope import Rotary
+
+
+class KVCache:
+    """Per-layer tensors kept across decoding steps, grown along the time axis (dim -2).
+
+    GQA layers keep (k [B, Hkv, S, Dh], v [B, Hkv, S, Dh]); MLA layers keep the compressed
+    latent (c_kv [B, S, C], k_rope [B, 1, S, Dr]): the memory saving that motivates MLA.
+    """
+
+    def __init__(self, num_layers: int):
+        self.layers: list[tuple[Tensor, ...] | None] = [None] * num_layers
+        self.seq_len = 0  # tokens already in the cache; the model advances it after each call
+
+    def update(self, layer_idx: int, *new: Tensor) -> tuple[Tensor, ...]:
+        old = self.layers[layer_idx]
+        full = new if old is None else tuple(torch.cat((o, n), dim=-2) for o, n in zip(old, new))
+        self.layers[layer_idx] = full
+        return full
+
+
+def attend(q_BHTd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, scale: float) -> Tensor:
+    """Causal attention of T new queries over S keys, the last T of which are the new tokens."""
+    T, S = q_BHTd.shape[-2], k_BHSd.shape[-2]
+    mask, causal = None, False
+    if T == S:
+        causal = True
+    elif T > 1:  # a chunk after a cached prefix: query i sees keys 0..S-T+i
+        mask = torch.arange(S, device=q_BHTd.device)[None, :] <= torch.arange(T, device=q_BHTd.device)[:, None] + S - T
+    return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=mask, is_causal=causal,
+                                          scale=scale, enable_gqa=k_BHSd.shape[1] != q_BHTd.shape[1])
+
+
+class Attention(nn.Module):
+    """GQA with optional per-head QK-norm (applied before RoPE) and partial RoPE."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.H, self.Hkv, self.Dh = config.num_heads, config.kv_heads, config.dim_per_head
+        D, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(D, self.H * self.Dh, bias=bias)
+        self.k_proj = nn.Linear(D, self.Hkv * self.Dh, bias=bias)
+        self.v_proj = nn.Linear(D, self.Hkv * self.Dh, bias=bias)
+        self.o_proj = nn.Linear(self.H * self.Dh, D, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.Dh, config.norm_eps)
+            self.k_norm = RMSNorm(self.Dh, config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rotary = Rotary(config.rotary_dim, config.rope_theta, config.rope_interleave)
+
+    def forward(self, x_BTD: Tensor, positions_T: Tensor, cache: KVCache | None = None) -> Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).view(B, T, self.H, self.Dh).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x_BTD).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = self.v_proj(x_BTD).view(B, T, self.Hkv, self.Dh).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rotary.angles(positions_T)
+        q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = attend(q, k, v, scale=self.Dh**-0.5)  # [B, H, T, Dh]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.Dh))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values are expanded from a
+    small shared latent c_kv; a separate RoPE part of the key is shared by all heads."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        D, self.H = config.hidden_size, config.num_heads
+        self.C, self.Dn, self.Dr, self.Dv = (config.kv_lora_rank, config.qk_nope_head_dim,
+                                             config.qk_rope_head_dim, config.v_head_dim)
+        q_dim = self.H * (self.Dn + self.Dr)
+        if config.q_lora_rank:
+            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, q_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(D, q_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.C + self.Dr, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.C, config.norm_eps)
+        self.kv_b_proj = nn.Linear(self.C, self.H * (self.Dn + self.Dv), bias=False)
+        self.o_proj = nn.Linear(self.H * self.Dv, D, bias=False)
+        self.rotary = Rotary(self.Dr, config.rope_theta, config.rope_interleave)
+        self.scale = (self.Dn + self.Dr) ** -0.5
+
+    def forward(self, x_BTD: Tensor, positions_T: Tensor, cache: KVCache | None = None) -> Tensor:
+        B, T, _ = x_BTD.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q = q.view(B, T, self.H, self.Dn + self.Dr).transpose(1, 2)  # [B, H, T, Dn+Dr]
+        q_nope, q_rope = q.split((self.Dn, self.Dr), dim=-1)
+
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x_BTD).split((self.C, self.Dr), dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # [B, T, C]
+        k_rope = k_rope.view(B, 1, T, self.Dr)  # one RoPE key shared by all heads
+        cos, sin = self.rotary.angles(positions_T)
+        q_rope, k_rope = self.rotary(q_rope, cos, sin), self.rotary(k_rope, cos, sin)
+        if cache is not None:
+            c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
+        S = c_kv.shape[1]
+
+        kv = self.kv_b_proj(c_kv).view(B, S, self.H, self.Dn + self.Dv).transpose(1, 2)
+        k_nope, v = kv.split((self.Dn, self.Dv), dim=-1)  # [B, H, S, Dn], [B, H, S, Dv]
+        k = torch.cat((k_nope, k_rope.expand(B, self.H, S, self.Dr)), dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        out = attend(q, k, v, scale=self.scale)  # [B, H, T, Dv]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.Dv))

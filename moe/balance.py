@@ -1,0 +1,64 @@
+"""Load-balancing: auxiliary losses and the aux-loss-free bias update.
+
+Legend: B = sequences, S = tokens per sequence, T = B*S tokens, E = experts, K = top-k.
+
+All three losses equal a known constant when routing is perfectly uniform, which is how
+the tests pin them to their papers:
+- Switch aux loss (arXiv 2101.03961, eq. 4, top-k form of DeepSeek-V3 eq. 17-19):
+  L = E * sum_i f_i * P_i, f_i = share of the T*K assignments sent to expert i,
+  P_i = mean router probability of expert i. Uniform routing gives 1.
+- Sequence-wise aux loss (DeepSeek-V3 eq. 17-20): the same quantity per sequence,
+  averaged over sequences, so one sequence cannot hide its imbalance in the batch.
+- Router z-loss (ST-MoE, arXiv 2202.08906, eq. 5): mean over tokens of logsumexp(logits)^2.
+
+The aux-loss-free update (DeepSeek-V3 sec. 2.1.2) nudges a selection-only bias after every
+optimizer step: b_i += u * sign(mean_load - load_i). Ling 2.0 re-centres the update to zero
+mean so the biases do not drift together ("zero_mean").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def expert_counts(idx_NA: Tensor, num_experts: int) -> Tensor:
+    """Per row of expert ids [N, A], how many point at each expert: [N, E] float."""
+    counts_NE = torch.zeros(idx_NA.shape[0], num_experts, device=idx_NA.device)
+    return counts_NE.scatter_add_(1, idx_NA, torch.ones_like(idx_NA, dtype=counts_NE.dtype))
+
+
+def switch_aux_loss(probs_TE: Tensor, topk_idx_TK: Tensor) -> Tensor:
+    """E * sum_i f_i P_i over the whole batch; 1.0 when routing is uniform."""
+    num_experts = probs_TE.shape[-1]
+    f_E = expert_counts(topk_idx_TK.reshape(1, -1), num_experts)[0] / topk_idx_TK.numel()
+    p_E = probs_TE.mean(dim=0)
+    return num_experts * (f_E * p_E).sum()
+
+
+def seq_aux_loss(probs_BSE: Tensor, topk_idx_BSK: Tensor) -> Tensor:
+    """The Switch loss computed within each sequence, then averaged over sequences."""
+    B, S, E = probs_BSE.shape
+    f_BE = expert_counts(topk_idx_BSK.reshape(B, -1), E) / topk_idx_BSK[0].numel()
+    p_BE = probs_BSE.mean(dim=1)
+    return E * (f_BE * p_BE).sum(dim=-1).mean()
+
+
+def router_z_loss(logits_TE: Tensor) -> Tensor:
+    """Penalises large router logits, which make the softmax brittle in low precision."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+@torch.no_grad()
+def bias_update(load_E: Tensor, rate: float, mode: str) -> Tensor:
+    """The step to add to the expert bias given the load (assignments) since the last step.
+
+    Underloaded experts (load below the mean) get +rate, overloaded ones -rate, balanced 0.
+    """
+    load_E = load_E.float()
+    step = rate * torch.sign(load_E.mean() - load_E)
+    if mode == "zero_mean":
+        step = step - step.mean()
+    elif mode != "sign":
+        raise ValueError(f"unknown bias_update mode {mode!r} (expected 'sign' or 'zero_mean')")
+    return step

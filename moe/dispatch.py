@@ -1,0 +1,105 @@
+"""Dispatch and combine: from per-token top-k choices to rows grouped by expert, and back.
+
+Legend: T = tokens, D = hidden size, E = experts, K = top-k, A = T*K assignments (slots),
+R = A permuted rows.
+
+Assignments are numbered k-major, slot a = k*T + t (all first choices, then all second
+choices, ...), which is also the capacity priority: when an expert overflows, first choices
+and earlier tokens keep their place. A stable sort of the slots by expert gives the grouped
+layout of `torch.nn.functional.grouped_mm`: expert e owns permuted rows offs[e-1]..offs[e].
+Dropped assignments are sorted past offs[-1], outside every group, so the row count stays
+A and nothing on this path needs the host (no `.item()`).
+
+Worked example: T=3, K=2, topk_idx = [[1, 0], [1, 2], [0, 1]], E=3, dropless:
+    slots (k-major):   a = 0  1  2  3  4  5
+    expert of slot:        1  1  0  0  2  1
+    row_slot (sorted):     2  3  0  1  5  4      experts 0 0 1 1 1 2
+    row_token = row_slot % T = 2 0 0 1 2 1
+    offs = [2, 5, 6]
+Combining reverses it: y_slot[row_slot[r]] = y_row[r], then out[t] = sum_k w[t,k] y_slot[k*T+t].
+
+An expert-parallel all-to-all slots in between `permute` and the expert computation: the
+permuted rows of each expert are contiguous, and `counts_E` says how many to send where.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DispatchPlan:
+    row_slot: Tensor  # [R] int64: permuted row r holds assignment slot row_slot[r]
+    row_token: Tensor  # [R] int64: ... which belongs to token row_token[r]
+    slot_row: Tensor  # [A] int64: inverse permutation, slot a sits in row slot_row[a]
+    offs: Tensor  # [E] int32: cumulative end row of each expert's kept rows
+    load: Tensor  # [E] int64: assignments routed to each expert, before capacity drops
+    kept: Tensor  # [A] bool: slot survives the capacity limit
+    num_tokens: int
+
+    @property
+    def row_kept(self) -> Tensor:
+        """[R] bool: permuted row r belongs to an expert group (rows past offs[-1] are drops)."""
+        return torch.arange(self.row_slot.numel(), device=self.offs.device) < self.offs[-1]
+
+
+def expert_load(topk_idx_TK: Tensor, num_experts: int) -> Tensor:
+    """Assignments routed to each expert: [E] int64."""
+    return torch.bincount(topk_idx_TK.flatten(), minlength=num_experts)
+
+
+def plan_dispatch(topk_idx_TK: Tensor, load_E: Tensor, capacity_E: Tensor | None = None) -> DispatchPlan:
+    """Sort the T*K assignments by expert, dropping those beyond each expert's capacity."""
+    T, K = topk_idx_TK.shape
+    num_experts = load_E.numel()
+    expert_A = topk_idx_TK.t().reshape(-1)  # k-major slot order
+    if capacity_E is None:
+        kept_A = torch.ones_like(expert_A, dtype=torch.bool)
+        key_A = expert_A
+    else:
+        kept_A = position_in_expert(expert_A, load_E) < capacity_E[expert_A]
+        key_A = torch.where(kept_A, expert_A, num_experts)  # drops sort after every expert
+    row_slot = torch.argsort(key_A, stable=True)
+    slot_row = torch.empty_like(row_slot)
+    slot_row[row_slot] = torch.arange(row_slot.numel(), device=row_slot.device)
+    kept_load_E = torch.bincount(key_A, minlength=num_experts + 1)[:num_experts]
+    offs = torch.cumsum(kept_load_E, 0).to(torch.int32)
+    return DispatchPlan(row_slot, row_slot % T, slot_row, offs, load_E, kept_A, T)
+
+
+def position_in_expert(expert_A: Tensor, load_E: Tensor) -> Tensor:
+    """For each slot, how many earlier slots chose the same expert (its queue position)."""
+    order = torch.argsort(expert_A, stable=True)
+    start_E = torch.cumsum(load_E, 0) - load_E
+    pos_sorted = torch.arange(expert_A.numel(), device=expert_A.device) - start_E[expert_A[order]]
+    pos_A = torch.empty_like(pos_sorted)
+    pos_A[order] = pos_sorted
+    return pos_A
+
+
+def permute(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
+    """Gather token rows into expert order: [T, D] -> [R, D]; dropped rows are zeros."""
+    return torch.where(plan.row_kept[:, None], x_TD[plan.row_token], 0)
+
+
+def unpermute(y_RD: Tensor, plan: DispatchPlan) -> Tensor:
+    """Rows back to slot order: [R, D] -> [A, D]; dropped slots are zeros.
+
+    The mask is a `where`, not a multiply: rows outside every group may hold garbage
+    (grouped GEMMs do not write them), and 0 * NaN would still be NaN.
+    """
+    return torch.where(plan.row_kept[:, None], y_RD, 0)[plan.slot_row]
+
+
+def combine(y_AD: Tensor, weight_TK: Tensor, plan: DispatchPlan) -> Tensor:
+    """Weighted sum of each token's K expert outputs: [A, D] -> [T, D], accumulated in fp32.
+
+    A dense reduction over a [K, T, D] view, not a scatter-add, so the result is deterministic.
+    """
+    T, K = weight_TK.shape
+    y_KTD = y_AD.view(K, T, y_AD.shape[-1])
+    w_KT1 = weight_TK.t().unsqueeze(-1)  # dropped slots are already zero in y_AD
+    return (y_KTD.float() * w_KT1).sum(dim=0).to(y_AD.dtype)

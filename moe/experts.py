@@ -1,0 +1,141 @@
+"""Routed experts: stacked FFN weights and the backends that run them.
+
+Legend: T = tokens, D = hidden size, F = expert FFN size, E = experts, A = T*K slots,
+R = A permuted rows (grouped by expert, see dispatch.py).
+
+Weights are stacked in the [E, in, out] layout grouped GEMMs take directly:
+    w_in  [E, D, 2F]  SwiGLU: columns [:F] are the gate, [F:] the up projection
+          [E, D, F]   GELU
+    w_out [E, F, D]
+
+Backends (MoEConfig.backend), all computing the same function:
+- "eager":  a Python loop of plain matmuls over experts, the readable reference. It reads
+            the offsets on the host (one sync per layer, by design).
+- "torch":  torch.nn.functional.grouped_mm, one kernel per GEMM, no host sync.
+- "triton": kernels.expert_ffn, gather fused into the first GEMM's loads and scatter into
+            the second GEMM's stores. Falls back to "torch" (one warning) where Triton
+            cannot run: no triton, or CPU tensors without TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoEConfig
+from .dispatch import DispatchPlan, permute, unpermute
+
+# torch.nn.functional.grouped_mm takes these on CPU; on CUDA (torch 2.8-2.11) bf16 only.
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Experts(nn.Module):
+    def __init__(self, config: MoEConfig, hidden_size: int):
+        super().__init__()
+        E, D, F_ = config.num_experts, hidden_size, config.ffn_size(hidden_size)
+        self.activation = config.activation
+        self.backend = config.backend
+        in_width = 2 * F_ if config.activation == "swiglu" else F_
+        self.w_in = nn.Parameter(torch.empty(E, D, in_width))
+        self.w_out = nn.Parameter(torch.empty(E, F_, D))
+        nn.init.normal_(self.w_in, std=0.02)
+        nn.init.normal_(self.w_out, std=0.02)
+
+    def forward(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
+        """Token rows in, per-slot expert outputs out: [T, D] -> [A, D] (dropped slots zero)."""
+        if self.backend == "triton":
+            kernels = _triton_kernels(x_TD)
+            if kernels is not None:
+                return kernels.expert_ffn(x_TD, self.w_in, self.w_out, plan.offs, plan.row_token,
+                                          plan.row_slot, plan.row_slot.numel(), self.activation)
+        return unpermute(self.ffn(permute(x_TD, plan), plan.offs), plan)
+
+    def ffn(self, x_RD: Tensor, offs: Tensor) -> Tensor:
+        """Expert FFN on rows already grouped by expert: [R, D] -> [R, D].
+
+        Rows past offs[-1] belong to no expert and come out unspecified; callers mask them.
+        This is the entry point an expert-parallel dispatcher uses after its all-to-all.
+        """
+        mm = eager_grouped_mm if self.backend == "eager" else torch_grouped_mm
+        h_RF = activate(mm(x_RD, self.w_in, offs), self.activation)
+        return mm(h_RF, self.w_out, offs)
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h)
+
+
+def eager_grouped_mm(a_RK: Tensor, b_EKN: Tensor, offs: Tensor) -> Tensor:
+    """The reference: one matmul per expert over its rows; rows past offs[-1] are zeros."""
+    ends = offs.tolist()  # host sync: the loop needs Python ints
+    starts = [0] + ends[:-1]
+    pieces = [a_RK[s:e] @ b_EKN[g] for g, (s, e) in enumerate(zip(starts, ends))]
+    pieces.append(a_RK.new_zeros(a_RK.shape[0] - ends[-1], b_EKN.shape[-1]))
+    return torch.cat(pieces)
+
+
+def torch_grouped_mm(a_RK: Tensor, b_EKN: Tensor, offs: Tensor) -> Tensor:
+    """torch.nn.functional.grouped_mm, padded where its 16-byte stride rule needs it.
+
+    Zero padding of K and N is exact: padded columns of `a` meet padded rows of `b`.
+    """
+    a_RK, b_EKN = _autocast(a_RK, b_EKN)
+    supported = GROUPED_MM_DTYPES if a_RK.device.type == "cpu" else (torch.bfloat16,)
+    if not hasattr(F, "grouped_mm") or a_RK.dtype not in supported:
+        _warn_once(f"torch.nn.functional.grouped_mm does not take {a_RK.dtype} on {a_RK.device.type} "
+                   f"in torch {torch.__version__}; the experts run the eager loop instead")
+        return eager_grouped_mm(a_RK, b_EKN, offs)
+    K, N = b_EKN.shape[1:]
+    align = 16 // a_RK.element_size()
+    pad_k, pad_n = -K % align, -N % align
+    if pad_k or pad_n:
+        a_RK = F.pad(a_RK, (0, pad_k))
+        b_EKN = F.pad(b_EKN, (0, pad_n, 0, pad_k))
+    out = _ContiguousGrad.apply(F.grouped_mm(a_RK, b_EKN, offs=offs))
+    return out[:, :N] if pad_n else out
+
+
+def _autocast(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Apply autocast's dtype by hand: grouped_mm is not on autocast's list of ops."""
+    device = a.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return a.to(dtype), b.to(dtype)
+    return a, b
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (grouped_mm's backward needs it)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def _triton_kernels(x: Tensor):
+    """The kernels module if Triton can run on x's device, else None after one warning."""
+    try:
+        import kernels
+    except ImportError as e:
+        _warn_once(f"backend 'triton' unavailable ({e}); using 'torch'")
+        return None
+    ok, reason = kernels.triton_available(x.device)
+    if not ok:
+        _warn_once(f"backend 'triton' unavailable ({reason}); using 'torch'")
+        return None
+    return kernels
+
+
+def _warn_once(message: str) -> None:
+    # The default warnings filter shows each (message, location) once per process.
+    warnings.warn(message, RuntimeWarning, stacklevel=3)

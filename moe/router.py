@@ -1,0 +1,86 @@
+"""Router: which k experts each token goes to, and with what weight.
+
+Legend: T = tokens, D = hidden size, E = experts, K = top-k, G = expert groups.
+
+The same module is the Mixtral / Qwen3 gate (softmax over all experts, top-k, optional
+renormalisation) and the DeepSeek-V3 / Ling 2.0 gate (sigmoid scores, a selection-only
+expert bias, group-limited top-k, renormalisation, `routed_scaling_factor`), depending on
+the `MoEConfig`. Scores are computed in fp32: in bf16, near-tied logits flip the top-k
+choice between otherwise identical runs.
+
+Worked example (softmax, E=4, K=2, no groups, renormalised):
+    scores = softmax([2, 1, 0, -1]) = [0.644, 0.237, 0.087, 0.032]
+    topk_idx = [0, 1]; topk_weight = [0.644, 0.237] / 0.881 = [0.731, 0.269]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoEConfig
+
+# Added to the renormalisation denominator so that all-zero sigmoid scores cannot divide by 0.
+RENORM_EPS = 1e-20
+
+
+@dataclass
+class Routing:
+    topk_idx: Tensor  # [T, K] int64, chosen experts, best first
+    topk_weight: Tensor  # [T, K] fp32, combine weights (unbiased scores, renormalised, scaled)
+    probs: Tensor  # [T, E] fp32, scores normalised to sum to 1 per token (for balancing losses)
+    logits: Tensor  # [T, E] fp32, raw router logits (for the z-loss)
+
+
+class Router(nn.Module):
+    def __init__(self, config: MoEConfig, hidden_size: int):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))  # [E, D]
+        # Aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2): a bias that only shifts which
+        # experts are selected, updated outside autograd after each optimizer step.
+        if config.expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        cfg = self.config
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if cfg.score_func == "softmax":
+            scores_TE = logits_TE.softmax(dim=-1)
+            probs_TE = scores_TE
+        else:
+            scores_TE = logits_TE.sigmoid()
+            probs_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + RENORM_EPS)
+
+        choice_TE = scores_TE if self.expert_bias is None else scores_TE + self.expert_bias.float()
+        if cfg.n_group > 1:
+            choice_TE = limit_to_top_groups(choice_TE, cfg.n_group, cfg.topk_group)
+        topk_idx = choice_TE.topk(cfg.top_k, dim=-1).indices  # [T, K]
+
+        weight_TK = scores_TE.gather(1, topk_idx)  # weights never see the bias
+        if cfg.norm_topk_prob:
+            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + RENORM_EPS)
+        weight_TK = weight_TK * cfg.routed_scaling_factor
+        return Routing(topk_idx, weight_TK, probs_TE, logits_TE)
+
+
+def limit_to_top_groups(choice_TE: Tensor, n_group: int, topk_group: int) -> Tensor:
+    """Mask (to -inf) every expert outside the token's `topk_group` best groups.
+
+    A group's score is the sum of its two best selection scores (DeepSeek-V3 / Ling 2.0),
+    or its one score when groups hold a single expert.
+    """
+    T, E = choice_TE.shape
+    grouped_TGe = choice_TE.view(T, n_group, E // n_group)
+    best = min(2, E // n_group)
+    group_score_TG = grouped_TGe.topk(best, dim=-1).values.sum(dim=-1)
+    keep_idx = group_score_TG.topk(topk_group, dim=-1).indices
+    keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, keep_idx, True)
+    keep_TE = keep_TG.repeat_interleave(E // n_group, dim=1)
+    return choice_TE.masked_fill(~keep_TE, float("-inf"))
