@@ -31,6 +31,13 @@ def _tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def tensors(**named) -> None:
+    """TypeError for a non-tensor argument; the public functions run this before
+    the custom op, whose dispatcher would otherwise reject it less clearly."""
+    for name, t in named.items():
+        _tensor(name, t)
+
+
 def _float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")

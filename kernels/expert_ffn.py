@@ -124,6 +124,7 @@ def expert_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, offs: t
 
     Index values are not checked (that needs a host sync): see checks.check_routing.
     """
+    checks.tensors(x=x, w_in=w_in, w_out=w_out, offs=offs, row_token=row_token, row_slot=row_slot)
     save_preact = torch.is_grad_enabled() and (x.requires_grad or w_in.requires_grad or w_out.requires_grad)
     y, _ = _expert_ffn_op(x, w_in, w_out, offs, row_token, row_slot, num_slots, activation, save_preact)
     return y

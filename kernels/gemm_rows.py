@@ -1,4 +1,4 @@
-"""Row GEMMs over groups: C[rows of g] = A[rows of g] @ B[g], rows optionally gathered/scattered.
+"""Row GEMMs over groups: C[rows of g] = A[rows of g] @ B[g], output rows optionally scattered.
 
 Shapes: M = rows (the permuted rows, sorted by group), K = in dim, N = out dim,
         G = groups, B [G, K, N] with any strides (so B^T is a free view).
@@ -7,13 +7,13 @@ One program computes one BLOCK_M x BLOCK_N tile of C; `schedule.group_of_tile`
 tells it which group and rows it owns. Rows of no group (the tail past offs[-1])
 are written as zeros, so every element of C that belongs to a row is defined.
 
-Index maps fuse a permutation into the GEMM instead of materialising it:
-    a_rows [M]: row r of the product reads A[a_rows[r]]     (gather in the loads)
-    c_rows [M]: row r of the product writes C[c_rows[r]]    (scatter in the stores)
-Without them row r reads A[r] and writes C[r].
+An index map fuses a permutation into the stores instead of materialising it:
+    c_rows [M]: row r of the product writes C[c_rows[r]]    (scatter)
+Without it row r writes C[r]. (The gathered variants of the main loop, which read
+A[idx[r]], are in ffn_kernels.py and gemm_dw.py.)
 
 Used for grouped_mm's forward (C = A B) and dA (dY B^T: B passed as a transposed
-view), and for the expert FFN's down projection (scatter), dh (gather) and dx GEMMs.
+view), and for the expert FFN's down projection (scatter) and dx GEMM.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def mma_loop(acc, a_rows_ptrs, row_mask, stride_ak, b_cols_ptrs, col_mask, strid
 
 @triton.jit
 def grouped_rows_kernel(
-    a_ptr, a_rows_ptr, b_ptr, c_ptr, c_rows_ptr, offs_ptr,
+    a_ptr, b_ptr, c_ptr, c_rows_ptr, offs_ptr,
     M, N, K, G, n_row_tiles,
     stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -88,8 +88,7 @@ def grouped_rows_kernel(
     col_mask = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if g < G:  # the tail (g == G) keeps acc = 0
-        a_rows = row_index(a_rows_ptr, rows, row_mask)
-        acc = mma_loop(acc, a_ptr + a_rows[:, None] * stride_am, row_mask, stride_ak,
+        acc = mma_loop(acc, a_ptr + rows.to(tl.int64)[:, None] * stride_am, row_mask, stride_ak,
                        b_ptr + g.to(tl.int64) * stride_bg + cols[None, :] * stride_bn, col_mask, stride_bk,
                        K, BLOCK_K, EVEN_K, PRECISION)
     c_rows = row_index(c_rows_ptr, rows, row_mask)
@@ -98,10 +97,10 @@ def grouped_rows_kernel(
 
 
 def launch_rows(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, offs: torch.Tensor, num_rows: int,
-                a_rows: torch.Tensor | None = None, c_rows: torch.Tensor | None = None) -> None:
-    """c[c_rows[r]] = a[a_rows[r]] @ b[group(r)] for the num_rows permuted rows r.
+                c_rows: torch.Tensor | None = None) -> None:
+    """c[c_rows[r]] = a[r] @ b[group(r)] for the num_rows rows r.
 
-    a [*, K], b [G, K, N], c [*, N] (written in place); rows past offs[-1] write
+    a [M, K], b [G, K, N], c [*, N] (written in place); rows past offs[-1] write
     zeros. Arguments are checked by the callers (checks.py); this only launches.
     """
     n, k, g = c.shape[1], a.shape[1], b.shape[0]
@@ -112,7 +111,7 @@ def launch_rows(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, offs: torch.T
     n_row_tiles = max_row_tiles(num_rows, g, cfg["BLOCK_M"])
     grid = (n_row_tiles * triton.cdiv(n, cfg["BLOCK_N"]),)
     grouped_rows_kernel[grid](
-        a, a_rows, b, c, c_rows, offs,
+        a, b, c, c_rows, offs,
         num_rows, n, k, g, n_row_tiles,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_G=group_block(g),

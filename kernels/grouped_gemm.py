@@ -100,4 +100,5 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     offs values are not checked (that needs a host sync): see checks.check_offs.
     Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (see triton_available).
     """
+    checks.tensors(a=a, b=b, offs=offs)
     return _grouped_mm_op(a, b, offs)

@@ -103,7 +103,8 @@ def tile_map_kernel(offs_ptr, out_ptr, G, M, BLOCK_M: tl.constexpr, BLOCK_G: tl.
 
 
 def tile_map(offs: torch.Tensor, num_rows: int, block_m: int) -> torch.Tensor:
-    """int32 [max_row_tiles, 3]: (group, row_start, row_end) of every virtual tile.
+    """int32 [max_row_tiles, 3]: (group, row_start, row_end) of every virtual tile;
+    the tile's rows are [row_start, min(row_start + block_m, row_end)).
 
     The schedule exactly as the GEMM kernels see it, for tests and inspection;
     the GEMMs themselves compute it in their prologue and never call this.
@@ -118,7 +119,8 @@ def tile_map(offs: torch.Tensor, num_rows: int, block_m: int) -> torch.Tensor:
 
 
 def tile_map_reference(offs: list[int], num_rows: int, block_m: int) -> list[tuple[int, int, int]]:
-    """Plain-Python twin of `tile_map` for valid offsets: the tiles that exist, in order."""
+    """Plain-Python twin of `tile_map` for valid offsets: the (group, row_start, row_end)
+    of the tiles that exist, in order."""
     bounds = [0] + list(offs) + [num_rows]
     tiles = []
     for g in range(len(offs) + 1):
