@@ -143,8 +143,9 @@ def ffn_act_backward_kernel(
     tl.store(h_ptr + rows64[:, None] * stride_hm + cols[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_args(kind: str, a: torch.Tensor, num_rows: int, f: int, e: int, k: int) -> tuple[tuple, int, dict]:
-    cfg = get_config(kind, a.dtype, num_rows, e, a.device, interpreting())
+def _launch_args(kind: str, a: torch.Tensor, num_rows: int, f: int, e: int, k: int,
+                 config: dict | None = None) -> tuple[tuple, int, dict]:
+    cfg = config or get_config(kind, a.dtype, num_rows, e, a.device, interpreting())
     n_row_tiles = max_row_tiles(num_rows, e, cfg["BLOCK_M"])
     grid = (n_row_tiles * triton.cdiv(f, cfg["BLOCK_N"]),)
     meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_G=group_block(e),
@@ -154,15 +155,18 @@ def _launch_args(kind: str, a: torch.Tensor, num_rows: int, f: int, e: int, k: i
 
 
 def launch_up(x: torch.Tensor, w_in: torch.Tensor, offs: torch.Tensor, row_token: torch.Tensor,
-              h: torch.Tensor, z: torch.Tensor | None, activation: str) -> None:
-    """Fill h [R, f] (and z [R, n_in] unless None) from x [T, d] and w_in [E, d, n_in]."""
+              h: torch.Tensor, z: torch.Tensor | None, activation: str, config: dict | None = None) -> None:
+    """Fill h [R, f] (and z [R, n_in] unless None) from x [T, d] and w_in [E, d, n_in].
+
+    `config` overrides the tuning table (bench/grouped_gemm_tune.py sweeps it).
+    """
     r, f = h.shape
     e, d = w_in.shape[0], w_in.shape[1]
     if r == 0 or f == 0:
         return
     require_runnable(x.device, x.dtype)
     kind = "swiglu_up" if activation == "swiglu" else "rows"
-    grid, n_row_tiles, meta = _launch_args(kind, x, r, f, e, d)
+    grid, n_row_tiles, meta = _launch_args(kind, x, r, f, e, d, config)
     zs = z.stride() if z is not None else (0, 0)
     ffn_up_kernel[grid](
         x, row_token, w_in, h, z, offs, r, f, d, e, n_row_tiles,

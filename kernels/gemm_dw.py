@@ -63,17 +63,19 @@ def grouped_dw_kernel(
 
 
 def launch_dw(a: torch.Tensor, dy: torch.Tensor, out: torch.Tensor, offs: torch.Tensor, num_rows: int,
-              a_rows: torch.Tensor | None = None, dy_rows: torch.Tensor | None = None) -> None:
+              a_rows: torch.Tensor | None = None, dy_rows: torch.Tensor | None = None,
+              config: dict | None = None) -> None:
     """out[g] = sum over rows r of group g of outer(a[a_rows[r]], dy[dy_rows[r]]).
 
     a [*, K], dy [*, N], out [G, K, N] (written in place, every element).
     Arguments are checked by the callers (checks.py); this only launches.
+    `config` overrides the tuning table (bench/grouped_gemm_tune.py sweeps it).
     """
     g, k, n = out.shape
     if out.numel() == 0:
         return
     require_runnable(a.device, a.dtype)
-    cfg = get_config("dw", a.dtype, num_rows, g, a.device, interpreting())
+    cfg = config or get_config("dw", a.dtype, num_rows, g, a.device, interpreting())
     grid = (g * triton.cdiv(k, cfg["BLOCK_K"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     grouped_dw_kernel[grid](
         a, a_rows, dy, dy_rows, out, offs,

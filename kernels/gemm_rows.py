@@ -97,17 +97,18 @@ def grouped_rows_kernel(
 
 
 def launch_rows(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, offs: torch.Tensor, num_rows: int,
-                c_rows: torch.Tensor | None = None) -> None:
+                c_rows: torch.Tensor | None = None, config: dict | None = None) -> None:
     """c[c_rows[r]] = a[r] @ b[group(r)] for the num_rows rows r.
 
     a [M, K], b [G, K, N], c [*, N] (written in place); rows past offs[-1] write
     zeros. Arguments are checked by the callers (checks.py); this only launches.
+    `config` overrides the tuning table (bench/grouped_gemm_tune.py sweeps it).
     """
     n, k, g = c.shape[1], a.shape[1], b.shape[0]
     if num_rows == 0 or n == 0:
         return
     require_runnable(a.device, a.dtype)
-    cfg = get_config("rows", a.dtype, num_rows, g, a.device, interpreting())
+    cfg = config or get_config("rows", a.dtype, num_rows, g, a.device, interpreting())
     n_row_tiles = max_row_tiles(num_rows, g, cfg["BLOCK_M"])
     grid = (n_row_tiles * triton.cdiv(n, cfg["BLOCK_N"]),)
     grouped_rows_kernel[grid](

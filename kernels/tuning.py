@@ -63,6 +63,18 @@ def device_family(name: str) -> str:
     return next((tok for tok in slug.split("-") if any(c.isdigit() for c in tok)), slug)
 
 
+def dump_table(table: dict) -> str:
+    """JSON text of a table in gemm_configs.json's layout: one configuration per line."""
+    blocks = []
+    for section, entries in table.items():
+        if section.startswith("_"):  # metadata: notes, provenance of tuned sections
+            blocks.append(f"  {json.dumps(section)}: {json.dumps(entries)}")
+            continue
+        lines = [f"    {json.dumps(key)}: {json.dumps({f: cfg[f] for f in FIELDS})}" for key, cfg in sorted(entries.items())]
+        blocks.append(f"  {json.dumps(section)}: {{\n" + ",\n".join(lines) + "\n  }")
+    return "{\n" + ",\n".join(blocks) + "\n}\n"
+
+
 @functools.lru_cache(maxsize=None)
 def load_table(path: Path = TABLE_PATH) -> dict:
     with open(path) as f:
