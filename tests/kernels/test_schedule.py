@@ -1,4 +1,7 @@
-"""The device-side tile schedule and the token reduction: exact equality with plain-Python twins."""
+"""The device-side tile schedule and the token reduction: exact equality with plain-Python twins.
+
+Shapes: M = rows, G = groups, BLOCK_M = rows per tile, R = permuted rows, T = tokens, d = model dim.
+"""
 
 import pytest
 import torch
