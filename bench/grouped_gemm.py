@@ -4,7 +4,8 @@ Shapes: M = routed rows on this GPU, K = in dim, N = out dim, E = local experts,
         d = model dim, f = expert hidden dim (2048 for both models), T = tokens.
 
 Cases, per model (Ling-1T d = 8192, DeepSeek-V3 d = 7168), per E in 8/16/32/64,
-per M in decode sizes (1, 16, 64) and prefill/training sizes (4K, 16K, 64K),
+per M in decode sizes (1, 8, 64 tokens x top-8 = 8, 64, 512 routed rows, all on
+this GPU's experts) and prefill/training sizes (4K, 16K, 64K routed rows),
 with balanced or Zipf-skewed expert loads:
 
   grouped_mm   up projection [M, d] x [E, d, 2f] and down projection [M, f] x [E, f, d],
@@ -49,8 +50,8 @@ sys.path.insert(0, str(ROOT))
 
 MODELS = {"ling-1t": {"d": 8192, "f": 2048}, "deepseek-v3": {"d": 7168, "f": 2048}}
 EXPERTS = (8, 16, 32, 64)
-ROWS = (1, 16, 64, 4096, 16384, 65536)
-QUICK = {"models": ("ling-1t",), "experts": (8, 32), "rows": (16, 4096)}
+ROWS = (8, 64, 512, 4096, 16384, 65536)   # decode: 1, 8, 64 tokens x top-8; then prefill/training
+QUICK = {"models": ("ling-1t",), "experts": (8, 32), "rows": (64, 4096)}
 ROUTINGS = ("balanced", "zipf")
 DEVICE, DTYPE = "cuda", torch.bfloat16
 TOP_K = 8          # routed rows per token (both models route each token to 8 experts)

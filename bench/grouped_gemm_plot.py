@@ -53,7 +53,8 @@ def plot(json_path: Path) -> list[Path]:
             ax.set_xlabel("routed rows M")
         # a fixed legend: colour = implementation, line style = routing
         handles = [Line2D([], [], color=c, marker="o", ms=3, label=impl) for impl, c in COLORS.items()]
-        handles += [Line2D([], [], color="grey", linestyle=ls, label=f"{routing} routing") for routing, ls in STYLES.items()]
+        handles += [Line2D([], [], color="grey", linestyle=ls, label=f"{routing} routing")
+                    for routing, ls in STYLES.items()]
         fig.suptitle(f"{model} on {data['device']} (torch {data['torch']}, triton {data['triton']}, "
                      f"commit {data['commit'][:12]})", fontsize=10)
         fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.975), ncol=len(handles), fontsize=8)

@@ -56,7 +56,8 @@ def triton_available(device: torch.device | str | None = None,
         if not interpreting():
             return False, f"CPU tensors need the Triton interpreter: {_INTERPRETER_HINT}"
         if dtype == torch.bfloat16:
-            return False, "the Triton interpreter cannot multiply bfloat16 blocks (tl.dot); use float16 or float32 on CPU"
+            return False, ("the Triton interpreter cannot multiply bfloat16 blocks (tl.dot); "
+                           "use float16 or float32 on CPU")
         return True, "CPU tensors through the Triton interpreter (TRITON_INTERPRET=1)"
     return False, f"device type {device.type!r} is not supported (cuda, or cpu with the interpreter)"
 

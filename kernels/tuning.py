@@ -70,7 +70,8 @@ def dump_table(table: dict) -> str:
         if section.startswith("_"):  # metadata: notes, provenance of tuned sections
             blocks.append(f"  {json.dumps(section)}: {json.dumps(entries)}")
             continue
-        lines = [f"    {json.dumps(key)}: {json.dumps({f: cfg[f] for f in FIELDS})}" for key, cfg in sorted(entries.items())]
+        lines = [f"    {json.dumps(key)}: {json.dumps({f: cfg[f] for f in FIELDS})}"
+                 for key, cfg in sorted(entries.items())]
         blocks.append(f"  {json.dumps(section)}: {{\n" + ",\n".join(lines) + "\n  }")
     return "{\n" + ",\n".join(blocks) + "\n}\n"
 
