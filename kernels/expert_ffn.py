@@ -15,7 +15,8 @@ Backward (dy [num_slots, d]), five kernels:
     4. dW_out[e] = h_e^T dy[row_slot]_e                 gather fused into the loads (gemm_dw.py)
     5. dW_in[e]  = x[row_token]_e^T dz_e                gather fused into the loads
     6. dx_rows   = dz @ w_in^T                          w_in^T a strided view
-    7. dx[t]     = sum of dx_rows[r] over row_token[r] == t   deterministic (permute.py)
+    7. dx[t]     = sum of dx_rows[r] over row_token[r] == t   deterministic (permute.py; plus a
+                 torch argsort and searchsorted to group rows by token)
 The pre-activation z [R, n_in] is saved for backward (not recomputed); h is
 recomputed from it in kernel 3, so only z stays alive between the passes.
 
