@@ -2,7 +2,8 @@ import os
 
 import torch
 
-# Triton kernels run on CPU tensors through its interpreter; the variable must be set before
-# anything imports triton, so it is set here, before test modules are collected.
+# Triton kernels run on CPU tensors through its interpreter. The variable must be set before
+# triton is first imported (triton.jit reads it when a kernel is decorated); importing torch
+# does not import triton, so setting it here, before test modules are collected, is enough.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,127 @@
+"""Tile-config sweep for the GEMM kernels: `python bench/grouped_gemm.py --tune`.
+
+Shapes: M = routed rows, E = experts (8), d = 8192, f = 2048 (Ling-1T's expert
+shapes), n_in = 2f; rows per expert pick the shape class (see kernels/tuning.py):
+decode 16, small 128, large 4096.
+
+For each bf16 (16-bit) shape class of each kernel kind, every candidate config
+that fits in shared memory is compiled, checked against the current table's
+result (relative error <= 1e-2) and timed with do_bench (median) on the
+representative problems below; the fastest in total wins:
+
+    rows       [M, d] x [E, d, 2f] (up projection) and [M, f] x [E, f, d] (down)
+    swiglu_up  the expert FFN up kernel: gather, two accumulators, SwiGLU epilogue
+    dw         dB of both projections: [M, d]^T [M, 2f] and [M, f]^T [M, d] per expert
+
+The winners replace this GPU family's section of the table (fp32 classes keep the
+"default" entries); `_provenance` records device, versions, commit and date.
+On a remote GPU machine pass --table under $OUT and copy the file back.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+from kernels.ffn_kernels import launch_up
+from kernels.gemm_dw import launch_dw
+from kernels.gemm_rows import launch_rows
+from kernels.tuning import TABLE_PATH, device_family, dump_table, get_config, load_table
+
+D, F, E = 8192, 2048, 8
+DEVICE, DTYPE = "cuda", torch.bfloat16
+ROWS_PER_GROUP = {"decode": 16, "small": 128, "large": 4096}
+SMEM_LIMIT = 200 * 1024  # H100: 227 KB per block; keep room for the epilogue's layout conversions
+TOLERANCE = 1e-2
+
+
+def candidates(kind: str, cls: str) -> list[dict]:
+    """Configs worth trying for one kernel kind and shape class (bf16 operands)."""
+    if kind == "dw":  # BLOCK_M = rows reduced per step, BLOCK_K x BLOCK_N = output tile
+        row_steps = {"decode": (16, 32), "small": (32, 64), "large": (32, 64, 128)}[cls]
+        grid = itertools.product(row_steps, (64, 128, 256), (64, 128), (3, 4))
+        shapes = [(bm, bn, bk, st, (bk * bm + bm * bn) * 2 * st, bk * bn) for bm, bn, bk, st in grid]
+    else:
+        b_tiles = 2 if kind == "swiglu_up" else 1
+        row_tiles = {"decode": (16, 32), "small": (32, 64, 128), "large": (64, 128, 256)}[cls]
+        col_tiles = (32, 64, 128) if kind == "swiglu_up" else (64, 128, 256)
+        grid = itertools.product(row_tiles, col_tiles, (64, 128), (3, 4))
+        shapes = [(bm, bn, bk, st, (bm * bk + b_tiles * bk * bn) * 2 * st, b_tiles * bm * bn)
+                  for bm, bn, bk, st in grid]
+    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+             "num_warps": 8 if acc >= 128 * 128 else 4, "num_stages": st}
+            for bm, bn, bk, st, smem, acc in shapes if smem <= SMEM_LIMIT and acc <= 256 * 128]
+
+
+def problems(kind: str, cls: str) -> list:
+    """Closures `run(config) -> output` on the representative problems of a class."""
+    m = E * ROWS_PER_GROUP[cls]
+    offs = torch.full((E,), ROWS_PER_GROUP[cls], dtype=torch.int32, device=DEVICE).cumsum(0).to(torch.int32)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device=DEVICE) * scale).to(DTYPE)
+
+    runs = []
+    if kind == "rows":
+        for k, n in ((D, 2 * F), (F, D)):
+            a, b, c = rand(m, k), rand(E, k, n, scale=k**-0.5), torch.empty(m, n, device=DEVICE, dtype=DTYPE)
+            runs.append(lambda cfg, a=a, b=b, c=c: (launch_rows(a, b, c, offs, m, config=cfg), c)[1])
+    elif kind == "swiglu_up":
+        x, w_in = rand(m, D), rand(E, D, 2 * F, scale=D**-0.5)
+        row_token = torch.randperm(m, device=DEVICE)
+        h, z = (torch.empty(m, n, device=DEVICE, dtype=DTYPE) for n in (F, 2 * F))
+        runs.append(lambda cfg: (launch_up(x, w_in, offs, row_token, h, z, "swiglu", config=cfg), h)[1])
+    else:
+        for k, n in ((D, 2 * F), (F, D)):
+            a, dy, out = rand(m, k), rand(m, n), torch.empty(E, k, n, device=DEVICE, dtype=DTYPE)
+            runs.append(lambda cfg, a=a, dy=dy, out=out: (launch_dw(a, dy, out, offs, m, config=cfg), out)[1])
+    return runs
+
+
+def tune_class(kind: str, cls: str) -> tuple[dict, float]:
+    """(best config, its total median ms) for one kind and shape class."""
+    runs = problems(kind, cls)
+    current = get_config(kind, DTYPE, E * ROWS_PER_GROUP[cls], E, torch.device(DEVICE), interpret=False)
+    refs = [run(current).clone() for run in runs]
+    best, best_ms = current, sum(triton.testing.do_bench(lambda r=r: r(current), warmup=5, rep=20,
+                                                         return_mode="median") for r in runs)
+    for cfg in candidates(kind, cls):
+        try:
+            outs = [run(cfg) for run in runs]
+        except Exception as err:  # out of shared memory or registers, or a compiler error: not a candidate
+            print(f"  skip {cfg}: {type(err).__name__}")
+            continue
+        errors = [(o.float() - r.float()).norm().item() / r.float().norm().item() for o, r in zip(outs, refs)]
+        if max(errors) > TOLERANCE:
+            print(f"  skip {cfg}: relative error {max(errors):.2e}")
+            continue
+        ms = sum(triton.testing.do_bench(lambda r=r: r(cfg), warmup=5, rep=20, return_mode="median") for r in runs)
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    return best, best_ms
+
+
+def tune_and_write(kinds: list[str] | None, commit: str, out_path: Path = TABLE_PATH) -> None:
+    """Tune, then write the table (kernels/gemm_configs.json with this GPU's section replaced) to out_path."""
+    section = device_family(torch.cuda.get_device_name(0))
+    table = dict(load_table())
+    entries = dict(table.get(section, {}))
+    for kind in kinds or ("rows", "swiglu_up", "dw"):
+        for cls in ROWS_PER_GROUP:
+            best, ms = tune_class(kind, cls)
+            entries[f"{kind}/16bit/{cls}"] = best
+            print(f"{kind}/16bit/{cls}: {best}  ({ms:.3f} ms on the representative problems)")
+    table[section] = entries
+    provenance = dict(table.get("_provenance", {}))
+    provenance[section] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                           "triton": triton.__version__, "commit": commit,
+                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    table["_provenance"] = provenance
+    out_path.write_text(dump_table(table))
+    load_table.cache_clear()
+    print(f"wrote {out_path} with section {section!r} tuned")
