@@ -48,7 +48,16 @@ class DispatchPlan:
 
 def expert_load(topk_idx_TK: Tensor, num_experts: int) -> Tensor:
     """Assignments routed to each expert: [E] int64."""
-    return torch.bincount(topk_idx_TK.flatten(), minlength=num_experts)
+    return count_ids(topk_idx_TK.flatten(), num_experts)
+
+
+def count_ids(ids: Tensor, n: int) -> Tensor:
+    """How often each of 0..n-1 occurs in ids: [n] int64.
+
+    A scatter-add rather than `torch.bincount`, whose output length depends on the data
+    (max id + 1): that would make every downstream shape unknown to torch.compile.
+    """
+    return torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def plan_dispatch(topk_idx_TK: Tensor, load_E: Tensor, capacity_E: Tensor | None = None) -> DispatchPlan:
@@ -65,7 +74,7 @@ def plan_dispatch(topk_idx_TK: Tensor, load_E: Tensor, capacity_E: Tensor | None
     row_slot = torch.argsort(key_A, stable=True)
     slot_row = torch.empty_like(row_slot)
     slot_row[row_slot] = torch.arange(row_slot.numel(), device=row_slot.device)
-    kept_load_E = torch.bincount(key_A, minlength=num_experts + 1)[:num_experts]
+    kept_load_E = count_ids(key_A, num_experts + 1)[:num_experts]
     offs = torch.cumsum(kept_load_E, 0).to(torch.int32)
     return DispatchPlan(row_slot, row_slot % T, slot_row, offs, load_E, kept_A, T)
 

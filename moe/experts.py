@@ -129,7 +129,7 @@ def _triton_kernels(x: Tensor):
     except ImportError as e:
         _warn_once(f"backend 'triton' unavailable ({e}); using 'torch'")
         return None
-    ok, reason = kernels.triton_available(x.device)
+    ok, reason = kernels.triton_available(x.device, x.dtype)
     if not ok:
         _warn_once(f"backend 'triton' unavailable ({reason}); using 'torch'")
         return None

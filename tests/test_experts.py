@@ -51,7 +51,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-@pytest.mark.parametrize("backend", ["eager", "torch"])
+@pytest.mark.parametrize("backend", ["eager", "torch", "triton"])
 def test_backend_matches_token_loop_in_output_and_every_gradient(case, backend):
     torch.manual_seed(0)
     layer = MoE(MoEConfig(backend=backend, **case), hidden_size=37)
@@ -114,19 +114,19 @@ def test_bf16_layer_is_close_to_fp32():
     assert ((out.float() - ref).norm() / ref.norm()) < 2e-2
 
 
-def test_triton_backend_falls_back_with_one_warning_where_it_cannot_run(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_triton_backend_falls_back_with_a_warning_where_it_cannot_run(monkeypatch):
+    # Whether Triton can run is the kernels package's call (tested in tests/kernels); here:
+    # when it says no, the layer warns and computes the same function on the torch backend.
+    import kernels
+
+    monkeypatch.setattr(kernels, "triton_available", lambda *args: (False, "no GPU and no interpreter"))
     torch.manual_seed(0)
     cfg = dict(num_experts=4, top_k=2)
     ref_layer = MoE(MoEConfig(backend="torch", **cfg), 16)
     layer = MoE(MoEConfig(backend="triton", **cfg), 16)
     layer.load_state_dict(ref_layer.state_dict())
     x = torch.randn(9, 16)
-    import kernels  # noqa: F401 - the kernels package decides; on CPU without interpreter it cannot run
-    ok, _ = kernels.triton_available(x.device)
-    if ok:
-        pytest.skip("triton can run here; the fallback is not exercised")
-    with pytest.warns(RuntimeWarning, match="triton"):
+    with pytest.warns(RuntimeWarning, match="no GPU and no interpreter"):
         y = layer(x)
     torch.testing.assert_close(y, ref_layer(x))
 
@@ -159,3 +159,16 @@ def test_autocast_runs_the_grouped_gemm_in_the_autocast_dtype():
         out = layer(x)
     assert out.dtype == torch.bfloat16
     assert ((out.float() - ref).norm() / ref.norm()) < 2e-2
+
+
+def test_triton_layer_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(num_experts=4, top_k=2, num_shared_experts=1, backend="triton"), 16)
+    x = torch.randn(7, 16, requires_grad=True)
+    expected = layer(x)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, expected)
+    (grad_compiled,) = torch.autograd.grad(out.square().sum(), x)
+    (grad_eager,) = torch.autograd.grad(expected.square().sum(), x)
+    torch.testing.assert_close(grad_compiled, grad_eager)
