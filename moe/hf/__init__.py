@@ -139,8 +139,9 @@ def save_hf(model: Transformer, directory: str | Path, *, family: str | None = N
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     pieces = fam.pieces(model.config)
     covered = {p.ours for p in pieces}
-    lost = [n for n, t in state.items() if n not in covered and not (n == "lm_head.weight" and model.config.tie_embeddings)
-            and not (n.endswith("expert_bias") and not t.any())]
+    tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    lost = [n for n, t in state.items()
+            if n not in covered and n not in tied and not (n.endswith("expert_bias") and not t.any())]
     if lost:
         raise ValueError(f"cannot export as {fam.model_type}: it has no tensor for {', '.join(lost)} "
                          "(a nonzero router selection bias)")

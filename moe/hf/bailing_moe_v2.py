@@ -36,8 +36,8 @@ class BailingMoeV2(Family):
     def attention(self, cfg: ModelConfig, hf: str, ours: str) -> list[Piece]:
         D, H, Hkv, Dh = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         hf += "attention."
-        rows = {"q_proj": (0, H * Dh), "k_proj": (H * Dh, (H + Hkv) * Dh), "v_proj": ((H + Hkv) * Dh, (H + 2 * Hkv) * Dh)}
         qkv = (H + 2 * Hkv) * Dh
+        rows = {"q_proj": (0, H * Dh), "k_proj": (H * Dh, (H + Hkv) * Dh), "v_proj": ((H + Hkv) * Dh, qkv)}
         pieces = []
         for proj, (start, end) in rows.items():
             pieces.append(Piece(hf + "query_key_value.weight", (qkv, D), ours + proj + ".weight",
@@ -49,7 +49,8 @@ class BailingMoeV2(Family):
         if cfg.attention_out_bias:
             pieces.append(Piece(hf + "dense.bias", (D,), ours + "o_proj.bias"))
         if cfg.qk_norm:
-            pieces += norm(hf + "query_layernorm", ours + "q_norm", Dh) + norm(hf + "key_layernorm", ours + "k_norm", Dh)
+            pieces += norm(hf + "query_layernorm", ours + "q_norm", Dh)
+            pieces += norm(hf + "key_layernorm", ours + "k_norm", Dh)
         return pieces
 
     def skipped_layers(self, hf: dict) -> range:

@@ -180,7 +180,9 @@ def dense_first(plan: list[bool]) -> Optional[int]:
 def plan_fields(plan: list[bool]) -> dict:
     """Our layer-plan fields for a plan read from a checkpoint config."""
     k = dense_first(plan)
-    return {"first_k_dense": k} if k is not None and k < len(plan) else {"moe_layers": [i for i, m in enumerate(plan) if m]}
+    if k is not None and k < len(plan):
+        return {"first_k_dense": k}
+    return {"moe_layers": [i for i, is_moe in enumerate(plan) if is_moe]}
 
 
 def refuse(family: str, problems: dict[str, bool]) -> None:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers", reason="parity tests need transformers (pip install -e '.[dev]')")
 
@@ -52,3 +53,13 @@ def test_export_loads_in_transformers_with_the_same_logits(shape, tmp_path):
     assert again.state_dict().keys() == ours.state_dict().keys()
     for name, tensor in ours.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
+
+
+def test_stacked_expert_layout_of_transformers_v5_loads_too(tmp_path):
+    """transformers v5 keeps experts stacked in memory and can save them so (save_original_format=False)."""
+    hf = randomize_(transformers.MixtralForCausalLM(transformers.MixtralConfig(**HF_SHAPES["base"])), seed=3).eval()
+    hf.save_pretrained(tmp_path, save_original_format=False)
+    names = load_file(tmp_path / "model.safetensors").keys()
+    if "model.layers.0.mlp.experts.gate_up_proj" not in names:
+        pytest.skip(f"transformers {transformers.__version__} writes no stacked expert layout")
+    assert_parity(hf_logits(hf), Transformer.from_hf(tmp_path), HF_SHAPES["base"]["vocab_size"])
