@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..config import ModelConfig, MoEConfig
 from ..model import layer_plan
-from .spec import Family, Names, expect, refuse, require, rope_from_hf, rope_to_hf
+from .spec import Family, Names, config_error, expect, refuse, require, rope_from_hf, rope_to_hf
 
 
 class Mixtral(Family):
@@ -28,13 +28,15 @@ class Mixtral(Family):
         require(hf, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_local_experts", "num_experts_per_tok")
         expect(hf, "hidden_act", ("silu",), "silu")
-        expect(hf, "sliding_window", (None,))
+        window, max_len = hf.get("sliding_window"), hf.get("max_position_embeddings", 4096 * 32)
+        if window is not None and window < max_len:  # a window over the whole context changes nothing
+            raise config_error("sliding_window", window, f"is not supported (below max_position_embeddings={max_len})")
         theta, scaling = rope_from_hf(hf, default_theta=1e6)
         return ModelConfig(
             name=name, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
             num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
             num_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
-            max_seq_len=hf.get("max_position_embeddings", 4096 * 32), norm_eps=hf.get("rms_norm_eps", 1e-5),
+            max_seq_len=max_len, norm_eps=hf.get("rms_norm_eps", 1e-5),
             tie_embeddings=hf.get("tie_word_embeddings", False), init_std=hf.get("initializer_range", 0.02),
             rope_theta=theta, rope_scaling=scaling,
             moe=MoEConfig(num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],

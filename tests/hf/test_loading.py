@@ -255,3 +255,17 @@ def test_loading_makes_no_second_copy_of_the_weights(tmp_path):
     assert weights > 0.99 * size
     growth = peak - before
     assert growth < 1.4 * size, f"loading {size / 1e6:.0f} MB grew the peak RSS by {growth / 1e6:.0f} MB"
+
+
+def test_mixtral_sliding_window_is_refused_unless_it_spans_the_context(tmp_path):
+    config = ModelConfig(vocab_size=40, hidden_size=24, num_layers=1, num_heads=4, max_seq_len=128,
+                         moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=8))
+    export(config, tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    for window, ok in ((128, True), (64, False)):
+        (tmp_path / "config.json").write_text(json.dumps({**hf, "sliding_window": window}))
+        if ok:
+            assert Transformer.from_hf(tmp_path).config.max_seq_len == 128
+        else:
+            with pytest.raises(ValueError, match="'sliding_window' = 64 is not supported"):
+                Transformer.from_hf(tmp_path)

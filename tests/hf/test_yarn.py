@@ -28,8 +28,9 @@ def test_frequencies_and_attention_factor_match_transformers(case, dim, theta):
     params = CASES[case]
     hf_config = transformers.Qwen3MoeConfig(hidden_size=dim * 2, num_attention_heads=2, head_dim=dim,
                                             max_position_embeddings=params["original_max_position_embeddings"] * 4,
-                                            rope_parameters={"rope_type": "yarn", "rope_theta": theta, **params})
-    expected_freq, expected_factor = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["yarn"](hf_config)
+                                            rope_theta=theta, rope_scaling={"rope_type": "yarn", **params})
+    yarn = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["yarn"]
+    expected_freq, expected_factor = yarn(hf_config, None)  # (config, device) in transformers 4 and 5
     freq, factor = rope_frequencies(dim, theta, {"type": "yarn", **params})
     torch.testing.assert_close(freq, expected_freq.float(), rtol=1e-6, atol=0)
     assert math.isclose(factor, expected_factor, rel_tol=1e-12)
