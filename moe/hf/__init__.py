@@ -7,8 +7,8 @@
 Loading reads config.json, maps every checkpoint tensor by name and shape (refusing, with the
 names, any that are missing, unexpected or misshapen), builds the model on the meta device and
 fills each tensor straight from the safetensors files: no second copy of the weights, and
-never a pickle. Export writes the per-expert tensor names the published checkpoints use, which
-transformers (v4 and v5) and vLLM read.
+never a pickle. Export writes the per-expert tensor names the published checkpoints use, so
+that tools written for those read it too (the parity tests load it in transformers 4.57 and 5.23).
 """
 
 from __future__ import annotations

@@ -153,8 +153,8 @@ def rope_from_hf(hf: dict, default_theta: float) -> tuple[float, Optional[dict]]
     rope_scaling) or v5 ones (rope_parameters)."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(params.pop("rope_theta", hf.get("rope_theta", default_theta)))
-    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
-    params.pop("type", None)
+    kind, legacy_kind = params.pop("rope_type", None), params.pop("type", None)
+    kind = kind or legacy_kind or "default"
     params.pop("partial_rotary_factor", None)  # read by the family where it applies
     if kind == "default":
         return theta, None
@@ -166,7 +166,7 @@ def rope_from_hf(hf: dict, default_theta: float) -> tuple[float, Optional[dict]]
 
 
 def rope_to_hf(cfg: ModelConfig) -> dict:
-    """transformers v4 keys, which v4 and v5 (and vLLM) all read."""
+    """transformers v4 keys (rope_theta + rope_scaling), which v4 and v5 both read."""
     scaling = None if cfg.rope_scaling is None else {**cfg.rope_scaling, "rope_type": "yarn"}
     return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling}
 
