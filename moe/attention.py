@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .norm import RMSNorm
-from .rope import Rotary
+from .rope import Rotary, yarn_mscale
 
 
 class KVCache:
@@ -61,13 +61,13 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(D, self.H * self.Dh, bias=bias)
         self.k_proj = nn.Linear(D, self.Hkv * self.Dh, bias=bias)
         self.v_proj = nn.Linear(D, self.Hkv * self.Dh, bias=bias)
-        self.o_proj = nn.Linear(self.H * self.Dh, D, bias=False)
+        self.o_proj = nn.Linear(self.H * self.Dh, D, bias=config.attention_out_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.Dh, config.norm_eps)
             self.k_norm = RMSNorm(self.Dh, config.norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.rotary = Rotary(config.rotary_dim, config.rope_theta, config.rope_interleave)
+        self.rotary = Rotary(config.rotary_dim, config.rope_theta, config.rope_interleave, config.rope_scaling)
 
     def forward(self, x_BTD: Tensor, positions_T: Tensor, cache: KVCache | None = None) -> Tensor:
         B, T, _ = x_BTD.shape
@@ -95,18 +95,22 @@ class MLAttention(nn.Module):
         self.C, self.Dn, self.Dr, self.Dv = (config.kv_lora_rank, config.qk_nope_head_dim,
                                              config.qk_rope_head_dim, config.v_head_dim)
         q_dim = self.H * (self.Dn + self.Dr)
+        latent_eps = config.latent_norm_eps or config.norm_eps
         if config.q_lora_rank:
             self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.norm_eps)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, latent_eps)
             self.q_b_proj = nn.Linear(config.q_lora_rank, q_dim, bias=False)
         else:
             self.q_proj = nn.Linear(D, q_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, self.C + self.Dr, bias=False)
-        self.kv_a_layernorm = RMSNorm(self.C, config.norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.C, latent_eps)
         self.kv_b_proj = nn.Linear(self.C, self.H * (self.Dn + self.Dv), bias=False)
         self.o_proj = nn.Linear(self.H * self.Dv, D, bias=False)
-        self.rotary = Rotary(self.Dr, config.rope_theta, config.rope_interleave)
+        self.rotary = Rotary(self.Dr, config.rope_theta, config.rope_interleave, config.rope_scaling)
         self.scale = (self.Dn + self.Dr) ** -0.5
+        scaling = config.rope_scaling or {}
+        if scaling.get("mscale_all_dim"):  # DeepSeek-V3 with YaRN: sharper softmax for the longer context
+            self.scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
 
     def forward(self, x_BTD: Tensor, positions_T: Tensor, cache: KVCache | None = None) -> Tensor:
         B, T, _ = x_BTD.shape

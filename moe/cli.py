@@ -15,6 +15,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "inspect": ("moe.inspect", "parameters, training FLOPs per token and weight memory of a config"),
+    "convert": ("moe.hf.convert", "convert between Hugging Face model folders and our checkpoints"),
 }
 
 

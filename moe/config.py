@@ -111,15 +111,23 @@ class ModelConfig:
     attention: AttentionKind = "gqa"
     qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3, Ling 2.0)
     attention_bias: bool = False  # bias on the q/k/v projections
+    attention_out_bias: bool = False  # bias on the output projection (Qwen3 attention_bias, Ling use_bias)
     rope_theta: float = 10000.0
     rope_fraction: float = 1.0  # share of each head's dims that RoPE rotates (Ling 2.0: 0.5)
     rope_interleave: bool = False  # rotate adjacent pairs (DeepSeek's MLA) instead of halves
+    # YaRN context extension, None = plain RoPE. Keys: type ("yarn"), factor,
+    # original_max_position_embeddings, and optionally beta_fast (32), beta_slow (1), mscale,
+    # mscale_all_dim (MLA also scales its softmax by yarn_mscale(factor, mscale_all_dim)^2),
+    # attention_factor, truncate. DeepSeek-V3: factor 40 over 4096, mscale = mscale_all_dim = 1.
+    rope_scaling: Optional[dict] = None
     # MLA (DeepSeek-V3 multi-head latent attention); used when attention == "mla".
     q_lora_rank: Optional[int] = None  # None: q is projected directly, without a latent
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
+    latent_norm_eps: Optional[float] = None  # eps of the q/kv latent RMSNorms; None: norm_eps
+    # (DeepSeek-V3's reference code fixes it at 1e-6 whatever rms_norm_eps says)
 
     # Layer plan: which layers use an MoE FFN. Exactly one scheme applies:
     # moe_layers (explicit list) > moe_pattern ("2-4-2-4": 2 dense, 4 MoE, repeating)
@@ -151,6 +159,10 @@ class ModelConfig:
         if self.attention == "gqa" and self.rotary_dim % 2:
             _fail("rope_fraction", self.rope_fraction,
                   f"gives an odd rotary dim {self.rotary_dim} for head_dim {self.dim_per_head}")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
+        if self.latent_norm_eps is not None and not self.latent_norm_eps > 0:
+            _fail("latent_norm_eps", self.latent_norm_eps, "must be positive or null")
         if self.attention == "mla" and self.qk_rope_head_dim % 2:
             _fail("qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
         if self.first_k_dense > self.num_layers:
@@ -188,6 +200,29 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+ROPE_SCALING_KEYS = {"type": str, "factor": float, "original_max_position_embeddings": int, "beta_fast": float,
+                     "beta_slow": float, "mscale": float, "mscale_all_dim": float, "attention_factor": float,
+                     "truncate": bool}
+
+
+def _check_rope_scaling(scaling: dict) -> None:
+    for key, value in scaling.items():
+        if key not in ROPE_SCALING_KEYS:
+            _fail(f"rope_scaling.{key}", value, f"is not a YaRN key (known: {', '.join(ROPE_SCALING_KEYS)})")
+        if _coerce(value, ROPE_SCALING_KEYS[key]) is _BAD:
+            _fail(f"rope_scaling.{key}", value, f"has the wrong type (expected {ROPE_SCALING_KEYS[key].__name__})")
+    if scaling.get("type") != "yarn":
+        _fail("rope_scaling.type", scaling.get("type"), "must be 'yarn' (the only scaling implemented)")
+    for key in ("factor", "original_max_position_embeddings"):
+        if key not in scaling:
+            _fail(f"rope_scaling.{key}", None, "is required for YaRN")
+    if not scaling["factor"] >= 1:
+        _fail("rope_scaling.factor", scaling["factor"], "must be >= 1")
+    if scaling["original_max_position_embeddings"] <= 0:
+        _fail("rope_scaling.original_max_position_embeddings", scaling["original_max_position_embeddings"],
+              "must be positive")
 
 
 # --------------------------------------------------------------------------- loading

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (RoPE), full or partial, in halves or interleaved pairs.
+"""Rotary position embeddings (RoPE), full or partial, in halves or interleaved pairs, with
+optional YaRN context extension.
 
 Legend: B = batch, H = heads, T = tokens, R = rotary dims (even), P = R / 2 frequency pairs.
 
@@ -6,26 +7,77 @@ Halves (Llama, Qwen3, Mixtral, Ling 2.0): dims i and i + P form a pair.
 Interleaved (DeepSeek's MLA reference): dims 2i and 2i + 1 form a pair.
 Partial RoPE rotates only the first R dims of each head and passes the rest through
 (Ling 2.0 rotates half of each 128-dim head).
+
+YaRN (arXiv 2309.00071; DeepSeek-V3 ships with it, Qwen3 and Ling 2.0 recommend it past
+32K tokens) divides the slow frequencies by `factor`, keeps the fast ones, blends the band
+in between linearly, and scales cos/sin by an attention factor. The formulas follow
+transformers' `_compute_yarn_parameters`, so that imported checkpoints match it.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context `factor` times longer: 0.1 * m * ln(factor) + 1."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(rotary_dim: int, theta: float, scaling: dict | None = None) -> tuple[Tensor, float]:
+    """inv_freq [P] (fp32) and the factor that multiplies cos and sin (1.0 without YaRN)."""
+    inv_freq_P = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+    if scaling is None:
+        return inv_freq_P, 1.0
+    factor = scaling["factor"]
+    original_len = scaling["original_max_position_embeddings"]
+
+    def dim_of(rotations: float) -> float:  # the dim whose wavelength fits `rotations` turns in original_len
+        return rotary_dim * math.log(original_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(scaling.get("beta_fast") or 32), dim_of(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    # 0 below `low` (fast frequencies, kept), 1 above `high` (slow ones, interpolated).
+    ramp_P = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq_P = inv_freq_P / factor * ramp_P + inv_freq_P * (1 - ramp_P)
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    return inv_freq_P, float(attention_factor)
+
+
 class Rotary(nn.Module):
-    def __init__(self, rotary_dim: int, theta: float, interleave: bool = False):
+    def __init__(self, rotary_dim: int, theta: float, interleave: bool = False, scaling: dict | None = None):
         super().__init__()
         self.rotary_dim = rotary_dim
+        self.theta = theta
         self.interleave = interleave
-        inv_freq_P = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+        self.scaling = scaling
+        inv_freq_P, self.attention_factor = rope_frequencies(rotary_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq_P, persistent=False)
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute inv_freq (fp32) on `device`, e.g. after building the model on the meta device."""
+        self.inv_freq = rope_frequencies(self.rotary_dim, self.theta, self.scaling)[0].to(device)
 
     def angles(self, positions_T: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin of each position's angles: [T] -> 2 x [T, P] (fp32)."""
         freqs_TP = positions_T.float()[:, None] * self.inv_freq.float()[None, :]
-        return freqs_TP.cos(), freqs_TP.sin()
+        if self.attention_factor == 1.0:
+            return freqs_TP.cos(), freqs_TP.sin()
+        return freqs_TP.cos() * self.attention_factor, freqs_TP.sin() * self.attention_factor
 
     def forward(self, x: Tensor, cos_TP: Tensor, sin_TP: Tensor) -> Tensor:
         """Rotate the first R dims of x [..., T, head_dim]; the rest pass through."""

@@ -64,6 +64,15 @@ def test_impossible_moe_values_name_the_key(kwargs, key):
     (dict(rope_fraction=0.0), "rope_fraction"),
     (dict(attention="flash"), "attention"),
     (dict(moe=None, moe_pattern="1-1"), "moe"),
+    (dict(attention_out_bias="no"), "attention_out_bias"),
+    (dict(latent_norm_eps=0.0), "latent_norm_eps"),
+    (dict(rope_scaling="yarn"), "rope_scaling"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0, "original_max_position_embeddings": 8}), "rope_scaling.type"),
+    (dict(rope_scaling={"type": "yarn", "factr": 2.0}), "rope_scaling.factr"),
+    (dict(rope_scaling={"type": "yarn", "original_max_position_embeddings": 8}), "rope_scaling.factor"),
+    (dict(rope_scaling={"type": "yarn", "factor": 0.5, "original_max_position_embeddings": 8}), "rope_scaling.factor"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 8.5}),
+     "rope_scaling.original_max_position_embeddings"),
 ])
 def test_impossible_model_values_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=f"config key '{key}'"):
@@ -94,3 +103,12 @@ def test_ints_are_accepted_for_floats_and_null_means_none():
     cfg = MoEConfig(capacity_factor=1, routed_scaling_factor=2)
     assert cfg.capacity_factor == 1.0 and isinstance(cfg.capacity_factor, float)
     assert MoEConfig(capacity_factor=None).capacity_factor is None
+
+
+def test_yarn_scaling_loads_from_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rope_scaling:\n  type: yarn\n  factor: 40\n  original_max_position_embeddings: 4096\n"
+                    "  mscale: 1.0\n  mscale_all_dim: 1.0\n")
+    cfg = load_config(path)
+    assert cfg.rope_scaling == {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                "mscale": 1.0, "mscale_all_dim": 1.0}
