@@ -68,6 +68,15 @@ class Rotary(nn.Module):
         inv_freq_P, self.attention_factor = rope_frequencies(rotary_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq_P, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts every floating buffer, but the frequencies must stay fp32:
+        # in bf16, angles of positions past a few hundred are off by whole radians.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and not self.inv_freq.is_meta:
+            fp32 = rope_frequencies(self.rotary_dim, self.theta, self.scaling)[0]
+            self.inv_freq = fp32.to(self.inv_freq.device)
+        return self
+
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute inv_freq (fp32) on `device`, e.g. after building the model on the meta device."""
         self.inv_freq = rope_frequencies(self.rotary_dim, self.theta, self.scaling)[0].to(device)

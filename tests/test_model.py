@@ -120,3 +120,11 @@ def test_input_ids_must_be_2d():
     model = Transformer(small())
     with pytest.raises(ValueError, match=r"input_ids must be \[batch, tokens\]"):
         model(torch.zeros(5, dtype=torch.long))
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
+    model = Transformer(small()).to(torch.bfloat16)
+    inv_freq = model.layers[0].attn.rotary.inv_freq
+    assert inv_freq.dtype == torch.float32
+    torch.testing.assert_close(inv_freq, Transformer(small()).layers[0].attn.rotary.inv_freq)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
