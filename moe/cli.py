@@ -15,6 +15,8 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "inspect": ("moe.inspect", "parameters, training FLOPs per token and weight memory of a config"),
+    "bench": ("moe.bench", "measure training and inference throughput (tokens/s, TFLOP/s, MFU) on this device"),
+    "calibrate": ("moe.calibrate", "time a full-size model's layers here and project its training cost"),
 }
 
 
