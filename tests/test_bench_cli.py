@@ -126,3 +126,23 @@ def test_bad_input_is_one_line(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_decode_bench_can_restart_from_a_shallow_copy_of_the_cache():
+    # `moe bench infer` times every decode repeat from a shallow copy of one prefilled cache; that
+    # is only right while KVCache.update leaves the tensors it holds untouched.
+    import torch
+
+    from moe import Transformer, load_config
+
+    model = Transformer(load_config(TINY)).eval()
+    base = model.new_cache()
+    with torch.no_grad():
+        model(torch.randint(256, (2, 5)), base)
+        held = [tuple(t.clone() for t in layer) for layer in base.layers]
+        copy = model.new_cache()
+        copy.layers, copy.seq_len = list(base.layers), base.seq_len
+        model(torch.randint(256, (2, 1)), copy)
+    assert base.seq_len == 5 and copy.seq_len == 6
+    for kept, now in zip(held, base.layers):
+        assert all(torch.equal(a, b) for a, b in zip(kept, now))

@@ -44,3 +44,17 @@ def test_run_times_every_implementation():
     for row in result["rows"]:
         fb = row["forward_backward"]
         assert fb["tflops"] == pytest.approx(fb["tokens_per_s"] * 3 * result["forward_flops_per_token"] / 1e12)
+
+
+def test_main_writes_a_bench_record(monkeypatch, capsys, tmp_path):
+    import json
+
+    monkeypatch.setitem(mvt.PRESETS, "cpu", SHAPES)
+    argv = ["--json", "--warmup", "0", "--repeats", "1", "--save", "--results-dir", str(tmp_path)]
+    assert mvt.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["schema"] == "moe.bench/1" and result["bench"] == "moe_vs_transformers"
+    assert result["environment"]["label"] == "cpu" and result["config"] == {"preset": "cpu"}
+    assert [b["shape"]["model"] for b in result["results"]["blocks"]] == ["qwen3_moe", "deepseek_v3"]
+    saved = tmp_path / result["environment"]["device_slug"] / "moe_vs_transformers-cpu.json"
+    assert json.loads(saved.read_text()) == result
