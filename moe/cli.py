@@ -16,6 +16,8 @@ import sys
 SUBCOMMANDS = {
     "inspect": ("moe.inspect", "parameters, training FLOPs per token and weight memory of a config"),
     "convert": ("moe.hf.convert", "convert between Hugging Face model folders and our checkpoints"),
+    "bench": ("moe.bench", "measure training and inference throughput (tokens/s, TFLOP/s, MFU) on this device"),
+    "calibrate": ("moe.calibrate", "time a full-size model's layers here and project its training cost"),
 }
 
 
