@@ -15,6 +15,8 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "inspect": ("moe.inspect", "parameters, training FLOPs per token and weight memory of a config"),
+    "train": ("moe.train_cli", "train a model on the default corpus or your data; checkpoints, metrics, plots"),
+    "generate": ("moe.generate", "continue a prompt with a trained model (KV-cached sampling)"),
 }
 
 
