@@ -61,7 +61,7 @@ class TrainArgs:
     grad_accum: int = _arg(1, "micro-batches per optimizer step")
     lr: float = _arg(3e-3, "peak learning rate")
     min_lr: float = _arg(3e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = _arg(50, "steps of linear warmup")
+    warmup_steps: int | None = _arg(None, "steps of linear warmup (default: 5%% of --steps)")
     weight_decay: float = _arg(0.1, "AdamW weight decay on matrices (not on norms or biases)")
     beta1: float = _arg(0.9, "AdamW beta1")
     beta2: float = _arg(0.95, "AdamW beta2")
@@ -88,7 +88,9 @@ class TrainArgs:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
         if self.seq_len is not None and self.seq_len <= 0:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
-        if not 0 <= self.warmup_steps:
+        if self.warmup_steps is None:
+            self.warmup_steps = self.steps // 20
+        if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
@@ -236,6 +238,9 @@ def run(config: ModelConfig, args: TrainArgs) -> dict[str, Any]:
     the last 10 train rows}), checkpoint (latest folder), metrics (path), plots (paths).
     """
     device = pick_device(args.device)
+    if args.compile and device.type == "cpu" and config.moe is not None and config.moe.backend == "torch":
+        raise ValueError("--compile on CPU needs 'backend: eager' under moe: in the config (torch's "
+                         "grouped_mm compiles only in bf16, which CUDA training uses)")
     run_dir, resume_from, continuing = _locate_run(config, args)
 
     # Everything that can fail on bad input happens before the run folder is touched.

@@ -11,6 +11,9 @@ from .config import load_config
 from .train import TrainArgs, run
 
 
+METAVARS = {"out": "DIR", "resume": "DIR", "data": "PATH", "time_limit": "SECONDS"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="model config (YAML or JSON)")
     hints = typing.get_type_hints(TrainArgs)
@@ -21,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         kind = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
         default = "" if f.default is None else f" (default: {f.default})"
-        parser.add_argument(flag, type=kind, default=f.default, metavar=f.name.split("_")[-1].upper(),
-                            help=help_text + default)
+        metavar = METAVARS.get(f.name, {int: "N", float: "X", str: "NAME"}[kind])
+        parser.add_argument(flag, type=kind, default=f.default, metavar=metavar, help=help_text + default)
 
 
 def main(args: argparse.Namespace) -> int:
