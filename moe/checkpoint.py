@@ -156,7 +156,10 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_bytes: in
 
 
 def read_model_tensors(directory: Path) -> dict[str, Tensor]:
-    """The weights of a pretrained folder, single file or sharded."""
+    """The weights of a pretrained folder, single file or sharded (checksummed in a training checkpoint)."""
+    if (directory / TRAINER_FILE).is_file():
+        data = _checked_bytes(directory, MODEL_FILE, read_json(directory / TRAINER_FILE))
+        return read_safetensors(directory / MODEL_FILE, data)
     if (directory / INDEX_FILE).is_file():
         weight_map = read_json(directory / INDEX_FILE).get("weight_map", {})
         tensors = {}
@@ -270,20 +273,21 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     """Restore model (and optimizer) from a checkpoint folder; returns trainer.json's contents."""
     path = Path(path)
     state = read_json(path / TRAINER_FILE)
-
-    def checked(name: str) -> bytes:
-        data_path = path / name
-        if not data_path.is_file():
-            raise FileNotFoundError(f"checkpoint file not found: {data_path}")
-        data = data_path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != state.get("sha256", {}).get(name):
-            raise ValueError(f"{data_path}: contents differ from the checksum in {TRAINER_FILE} "
-                             f"(truncated or corrupt)")
-        return data
-
     model_path = path / MODEL_FILE
-    load_model_state(model, read_safetensors(model_path, checked(MODEL_FILE)), str(model_path))
+    load_model_state(model, read_safetensors(model_path, _checked_bytes(path, MODEL_FILE, state)), str(model_path))
     if optimizer is not None:
         opt_path = path / OPTIMIZER_FILE
-        load_optimizer_tensors(model, optimizer, read_safetensors(opt_path, checked(OPTIMIZER_FILE)), str(opt_path))
+        tensors = read_safetensors(opt_path, _checked_bytes(path, OPTIMIZER_FILE, state))
+        load_optimizer_tensors(model, optimizer, tensors, str(opt_path))
     return state
+
+
+def _checked_bytes(directory: Path, name: str, trainer_state: dict[str, Any]) -> bytes:
+    """The file's bytes, verified against the sha256 that trainer.json recorded for it."""
+    path = directory / name
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != trainer_state.get("sha256", {}).get(name):
+        raise ValueError(f"{path}: contents differ from the checksum in {TRAINER_FILE} (truncated or corrupt)")
+    return data

@@ -306,6 +306,7 @@ def run(config: ModelConfig, args: TrainArgs) -> dict[str, Any]:
                 group["lr"] = lr_at(step, args)
             out = train_step(model, forward, optimizer, sampler, args, device)
             tokens += tokens_per_step
+            bar.update(1)
             finite = torch.isfinite(out["loss"] + out["aux_loss"])
             bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
             stop = step == last or (args.time_limit is not None and clock() - elapsed0 > args.time_limit)
@@ -331,7 +332,6 @@ def run(config: ModelConfig, args: TrainArgs) -> dict[str, Any]:
                 check_finite()
                 save()
             paused += clock() - t_pause
-            bar.update(1)
             if stop:
                 break
     finally:

@@ -133,6 +133,8 @@ def test_a_corrupt_checkpoint_file_is_caught_by_its_checksum(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="contents differ from the checksum"):
         ckpt.load_checkpoint(path, Transformer(model.config))
+    with pytest.raises(ValueError, match="contents differ from the checksum"):
+        Transformer.from_pretrained(path)  # what `moe generate --ckpt` reads
 
 
 def test_a_run_killed_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
