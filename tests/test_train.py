@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -76,7 +77,6 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     run(micro_config(), args)  # checkpoints at 5, 10, 12
     run_dir = tmp_path / "run"
     for late in ckpt.checkpoint_dirs(run_dir / "checkpoints")[1:]:
-        import shutil
         shutil.rmtree(late)  # as if the run had been killed between step 5 and its next save
     run(micro_config(), fast_args(tmp_path, steps=12, save_every=5, eval_every=100, resume=str(run_dir)))
     assert [r["step"] for r in train_rows(run_dir)] == list(range(1, 13))
