@@ -15,6 +15,8 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "inspect": ("moe.inspect", "parameters, training FLOPs per token and weight memory of a config"),
+    "train": ("moe.train_cli", "train a model on the default corpus or your data; checkpoints, metrics, plots"),
+    "generate": ("moe.generate", "continue a prompt with a trained model (KV-cached sampling)"),
     "convert": ("moe.hf.convert", "convert between Hugging Face model folders and our checkpoints"),
     "bench": ("moe.bench", "measure training and inference throughput (tokens/s, TFLOP/s, MFU) on this device"),
     "calibrate": ("moe.calibrate", "time a full-size model's layers here and project its training cost"),

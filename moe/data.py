@@ -1,0 +1,194 @@
+"""Training data: the corpus, its deterministic train/validation split, and batch sampling.
+
+Legend: N = tokens in the corpus, B = batch size, T = tokens per training sequence.
+
+The default corpus is the Python standard library's own source, read as bytes (vocab 256),
+so every machine has it and nothing is downloaded. Any of these replaces it:
+- a text file, or a folder of text files (read as bytes, files in sorted path order);
+- a token file: `.npy` (uint16 / uint32, dtype from its header) or raw `.bin` (a flat
+  uint16 or uint32 memmap, as nanoGPT writes them; the dtype is given by the caller).
+
+Split: the token stream is cut into 100 equal pieces and every `1 / val_fraction`-th piece
+(evenly spread) is validation, so both splits sample the whole corpus. A split is a list
+of (start, end) ranges of the stream, read in place: a memmap is never copied.
+
+Sampling is counter-based: batch number `position` of rank `rank` is drawn from
+`numpy.random.default_rng((seed, rank, position))`, so the sampler's whole state is one
+integer and a resumed run draws exactly the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+NUM_PIECES = 100
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+# Directories of the stdlib that are not the standard library's own code.
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's `.py` files (no test suites, no installed packages), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in _STDLIB_SKIP]  # prune, do not descend
+        files += [Path(folder) / n for n in names if n.endswith(".py")]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+@dataclass
+class Corpus:
+    tokens: np.ndarray  # [N] uint8 (bytes), uint16 or uint32; possibly a read-only memmap
+    source: str  # what was read, for the run record
+    is_bytes: bool  # byte-level: bits per token are bits per byte
+
+    @property
+    def max_token(self) -> int:
+        return int(self.tokens.max())
+
+
+def load_corpus(path: str | Path | None = None, token_dtype: str = "uint16") -> Corpus:
+    """Read the corpus at `path` (None: the standard library's source)."""
+    if path is None:
+        files = stdlib_files()
+        if not files:
+            raise FileNotFoundError(f"no Python sources under {sysconfig.get_paths()['stdlib']}")
+        return Corpus(_read_bytes(files), f"python stdlib ({len(files)} files)", True)
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files or not any(p.stat().st_size for p in files):
+            raise ValueError(f"data folder {path} holds no non-empty files")
+        return Corpus(_read_bytes(files), f"{path} ({len(files)} files)", True)
+    if not path.is_file():
+        raise FileNotFoundError(f"data not found: {path}")
+    if path.suffix == ".npy":
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        if tokens.dtype not in (np.uint16, np.uint32) or tokens.ndim != 1:
+            raise ValueError(f"{path}: token file must be a 1-D uint16 or uint32 array, "
+                             f"got {tokens.dtype} with shape {tokens.shape}")
+        return Corpus(tokens, str(path), False)
+    if path.suffix == ".bin":
+        if token_dtype not in TOKEN_DTYPES:
+            raise ValueError(f"token dtype must be one of {sorted(TOKEN_DTYPES)}, got {token_dtype!r}")
+        dtype = TOKEN_DTYPES[token_dtype]
+        if path.stat().st_size % np.dtype(dtype).itemsize:
+            raise ValueError(f"{path}: size {path.stat().st_size} bytes is not a whole number of {token_dtype}")
+        return Corpus(np.memmap(path, dtype=dtype, mode="r"), f"{path} ({token_dtype})", False)
+    tokens = _read_bytes([path])
+    if not tokens.size:
+        raise ValueError(f"data file {path} is empty")
+    return Corpus(tokens, str(path), True)
+
+
+def _read_bytes(files: list[Path]) -> np.ndarray:
+    return np.frombuffer(b"".join(p.read_bytes() for p in files), dtype=np.uint8)
+
+
+def check_vocab(corpus: Corpus, vocab_size: int) -> None:
+    """Raise if a token id of the corpus has no embedding in a model of this vocabulary."""
+    if corpus.max_token >= vocab_size:
+        raise ValueError(f"token id {corpus.max_token} in {corpus.source} is outside the vocabulary "
+                         f"(config vocab_size = {vocab_size})")
+
+
+# --------------------------------------------------------------------------- split
+
+
+def split_ranges(num_tokens: int, val_fraction: float) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(train ranges, validation ranges) of a stream of `num_tokens`.
+
+    Piece i of NUM_PIECES is validation when floor((i+1) f) > floor(i f): exactly
+    round(NUM_PIECES * f) pieces, evenly spread (f = 0.1: pieces 9, 19, ..., 99).
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    bounds = np.linspace(0, num_tokens, NUM_PIECES + 1).astype(np.int64)
+    train, val = [], []
+    for i in range(NUM_PIECES):
+        is_val = math.floor((i + 1) * val_fraction + 1e-9) > math.floor(i * val_fraction + 1e-9)
+        if bounds[i + 1] > bounds[i]:
+            (val if is_val else train).append((int(bounds[i]), int(bounds[i + 1])))
+    return train, val
+
+
+class TokenView:
+    """Ranges of a token array read as one virtual stream, without copying them."""
+
+    def __init__(self, tokens: np.ndarray, ranges: list[tuple[int, int]]):
+        self.tokens = tokens
+        self.starts = np.array([s for s, _ in ranges], dtype=np.int64)
+        lengths = np.array([e - s for s, e in ranges], dtype=np.int64)
+        self.vstarts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+        self.length = int(lengths.sum())
+
+    def __len__(self) -> int:
+        return self.length
+
+    def windows(self, offsets_B: np.ndarray, width: int) -> Tensor:
+        """Tokens [offset, offset + width) of the virtual stream for each offset: [B, width] int64."""
+        virtual_BW = offsets_B[:, None] + np.arange(width, dtype=np.int64)[None, :]
+        piece_BW = np.searchsorted(self.vstarts, virtual_BW, side="right") - 1
+        real_BW = self.starts[piece_BW] + (virtual_BW - self.vstarts[piece_BW])
+        return torch.from_numpy(self.tokens[real_BW].astype(np.int64))
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class BatchSampler:
+    """Random training windows; rank r of world_size draws only from its own 1/world_size
+    of the window offsets, with its own random stream."""
+
+    def __init__(self, view: TokenView, batch_size: int, seq_len: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        num_offsets = len(view) - seq_len  # each window holds seq_len + 1 tokens (inputs + next)
+        if num_offsets < world_size:
+            raise ValueError(f"the training split has {len(view)} tokens, too few for sequences of "
+                             f"{seq_len} + 1 tokens (use a larger corpus or a smaller --seq-len)")
+        self.view, self.batch_size, self.seq_len, self.seed = view, batch_size, seq_len, seed
+        self.rank = rank
+        self.low = rank * num_offsets // world_size
+        self.high = (rank + 1) * num_offsets // world_size
+        self.position = 0  # batches drawn so far: the sampler's whole state
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """(inputs [B, T], targets [B, T]) int64: targets are the inputs shifted by one."""
+        rng = np.random.default_rng((self.seed, self.rank, self.position))
+        offsets_B = rng.integers(self.low, self.high, size=self.batch_size, dtype=np.int64)
+        self.position += 1
+        w_BW = self.view.windows(offsets_B, self.seq_len + 1)
+        return w_BW[:, :-1], w_BW[:, 1:]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "seed": self.seed, "rank": self.rank}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"checkpoint's data seed {state['seed']} differs from this run's ({self.seed})")
+        self.position = int(state["position"])
+
+
+def eval_batches(view: TokenView, batch_size: int, seq_len: int, num_batches: int) -> list[tuple[Tensor, Tensor]]:
+    """A fixed validation set: batch_size * num_batches windows spread evenly over the split,
+    the same at every evaluation, so validation losses are comparable across steps and runs."""
+    num_offsets = len(view) - seq_len
+    if num_offsets < 1:
+        raise ValueError(f"the validation split has {len(view)} tokens, too few for sequences of "
+                         f"{seq_len} + 1 tokens (use a larger corpus or a smaller --seq-len)")
+    offsets = np.linspace(0, num_offsets - 1, batch_size * num_batches).astype(np.int64)
+    batches = []
+    for chunk in np.array_split(offsets, num_batches):
+        w_BW = view.windows(chunk, seq_len + 1)
+        batches.append((w_BW[:, :-1], w_BW[:, 1:]))
+    return batches

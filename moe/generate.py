@@ -1,0 +1,108 @@
+"""`moe generate --ckpt DIR --prompt TEXT`: sampling with the KV cache.
+
+Legend: B = batch, P = prompt tokens, N = new tokens, V = vocab size.
+
+The prompt is read once (prefill), then each new token costs one single-token forward that
+attends over the cached keys and values (GQA: k, v per layer; MLA: the compressed latent).
+When prompt + output reach the model's max_seq_len the window slides: the cache is rebuilt
+from the last max_seq_len / 2 tokens, so positions stay within the range the model was
+trained on. Models trained on the default corpus are byte-level: the prompt is its UTF-8
+bytes and the output is decoded with errors="replace".
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import checkpoint
+from .model import Transformer
+
+
+def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """One token per row [B, 1]: greedy at temperature 0, else from softmax(logits / T) over the top k."""
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1, keepdim=True)
+    logits_BV = logits_BV.float() / temperature
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    return torch.multinomial(logits_BV.softmax(dim=-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt_BP: Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, generator: torch.Generator | None = None,
+             return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Prompt [B, P] -> prompt + continuation [B, P + N]; with return_logits also the logits
+    [B, N, V] each new token was drawn from."""
+    vocab = model.config.vocab_size
+    if prompt_BP.dim() != 2 or prompt_BP.shape[1] == 0:
+        raise ValueError(f"the prompt must be [batch, tokens] with at least one token, got {tuple(prompt_BP.shape)}")
+    if prompt_BP.min() < 0 or prompt_BP.max() >= vocab:
+        bad = prompt_BP[(prompt_BP < 0) | (prompt_BP >= vocab)][0]
+        raise ValueError(f"prompt token id {int(bad)} is outside the vocabulary (vocab_size {vocab})")
+    if temperature < 0 or (top_k is not None and top_k <= 0):
+        raise ValueError(f"temperature must be >= 0 and top_k positive, got {temperature}, {top_k}")
+    model.eval()
+    window = model.config.max_seq_len
+    ids_BS = prompt_BP.to(model.lm_head.weight.device)
+    cache = model.new_cache()
+    logits_BV = model(ids_BS[:, -window:], cache)[:, -1]
+    seen = []
+    for i in range(max_new_tokens):
+        seen.append(logits_BV.float())
+        next_B1 = sample_next(logits_BV, temperature, top_k, generator)
+        ids_BS = torch.cat((ids_BS, next_B1), dim=1)
+        if i + 1 == max_new_tokens:
+            break
+        if cache.seq_len >= window:  # slide: re-read the last half window into a fresh cache
+            cache = model.new_cache()
+            logits_BV = model(ids_BS[:, -(window // 2):], cache)[:, -1]
+        else:
+            logits_BV = model(next_B1, cache)[:, -1]
+    if return_logits:
+        empty = ids_BS.new_zeros((ids_BS.shape[0], 0, vocab), dtype=torch.float32)
+        return ids_BS, torch.stack(seen, dim=1) if seen else empty
+    return ids_BS
+
+
+def load_for_generation(path: str | Path, device: str | torch.device | None = None) -> Transformer:
+    """A model from a run folder (its latest checkpoint), a checkpoint or a save_pretrained folder."""
+    path = Path(path)
+    if not (path / checkpoint.CONFIG_FILE).is_file():
+        path = checkpoint.resolve_checkpoint(path)
+    return checkpoint.load_pretrained(path, device=device)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="run folder, checkpoint folder or save_pretrained folder")
+    parser.add_argument("--prompt", required=True, help="text to continue (encoded as UTF-8 bytes)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    model = load_for_generation(args.ckpt, device=args.device)
+    prompt = torch.tensor([list(args.prompt.encode("utf-8"))], dtype=torch.long)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, generator)
+    print(decode(ids[0].tolist()))
+    return 0
+
+
+def decode(ids: list[int]) -> str:
+    """Bytes to text; ids past 255 (models trained on token files) show as U+FFFD."""
+    return b"".join(bytes([i]) if i < 256 else "\ufffd".encode() for i in ids).decode("utf-8", errors="replace")
