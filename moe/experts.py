@@ -53,15 +53,20 @@ class Experts(nn.Module):
                                           plan.row_slot, plan.row_slot.numel(), self.activation)
         return unpermute(self.ffn(permute(x_TD, plan), plan.offs), plan)
 
-    def ffn(self, x_RD: Tensor, offs: Tensor) -> Tensor:
+    def ffn(self, x_RD: Tensor, offs: Tensor, weight_grad_scale: float = 1.0) -> Tensor:
         """Expert FFN on rows already grouped by expert: [R, D] -> [R, D].
 
         Rows past offs[-1] belong to no expert and come out unspecified; callers mask them.
-        This is the entry point an expert-parallel dispatcher uses after its all-to-all.
+        This is the entry point an expert-parallel dispatcher uses after its all-to-all; it
+        passes weight_grad_scale = 1 / (EP ranks), so that the weight gradients, which sum
+        the losses of every rank in the group, come out as their mean (see moe/parallel).
         """
+        w_in, w_out = self.w_in, self.w_out
+        if weight_grad_scale != 1.0:
+            w_in, w_out = _ScaleGrad.apply(w_in, weight_grad_scale), _ScaleGrad.apply(w_out, weight_grad_scale)
         mm = eager_grouped_mm if self.backend == "eager" else torch_grouped_mm
-        h_RF = activate(mm(x_RD, self.w_in, offs), self.activation)
-        return mm(h_RF, self.w_out, offs)
+        h_RF = activate(mm(x_RD, w_in, offs), self.activation)
+        return mm(h_RF, w_out, offs)
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
@@ -120,6 +125,19 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         return grad.contiguous()
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
 
 
 def _triton_kernels(x: Tensor):
