@@ -8,11 +8,24 @@
 mesh.py (process groups), expert_parallel.py (the all-to-all dispatcher and the batch-wide
 capacity, losses and statistics), fsdp.py (sharding and clipping), checkpoint.py (sharded
 safetensors checkpoints), trainer.py (what `moe train` does under torchrun).
+
+The names load on first use: a single-process `moe train` asks only `under_torchrun()` and
+does not pay for importing FSDP and DTensor (about a second).
 """
 
-from .expert_parallel import ExpertParallel, expert_rows, shard_experts
-from .fsdp import apply_fsdp, clip_grad_norm_
-from .mesh import ParallelContext, init_parallel, make_context, under_torchrun
+from __future__ import annotations
 
-__all__ = ["ExpertParallel", "ParallelContext", "apply_fsdp", "clip_grad_norm_", "expert_rows", "init_parallel",
-           "make_context", "shard_experts", "under_torchrun"]
+import importlib
+
+_HOME = {
+    "ExpertParallel": "expert_parallel", "expert_rows": "expert_parallel", "shard_experts": "expert_parallel",
+    "apply_fsdp": "fsdp", "clip_grad_norm_": "fsdp",
+    "ParallelContext": "mesh", "init_parallel": "mesh", "make_context": "mesh", "under_torchrun": "mesh",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'moe.parallel' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)

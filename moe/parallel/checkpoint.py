@@ -254,7 +254,8 @@ def read_full_model(directory: str | Path) -> dict[str, Tensor]:
         row = 0
         for start, tensor in sorted(parts, key=lambda p: p[0]):
             if start != row:
-                raise ValueError(f"{directory}: rows {row}..{start - 1} of '{key}' are in no rank's file")
+                where = "in no rank's file" if start > row else "in two ranks' files"
+                raise ValueError(f"{directory}: rows {min(row, start)}..{max(row, start) - 1} of '{key}' are {where}")
             out[start:start + tensor.shape[0]] = tensor
             row = start + tensor.shape[0]
         if row != out.shape[0]:
