@@ -247,31 +247,20 @@ class SingleProcess:
     moe.parallel.trainer.Distributed answers the same questions for torchrun's ranks."""
 
     rank, world_size, is_main = 0, 1, True
+    device = staticmethod(pick_device)  # (name) -> torch.device
+    clip_gradients = staticmethod(clip_gradients)  # (model, max_norm) -> norm before clipping
+    evaluate = staticmethod(evaluate)  # (forward, batches, device) -> mean validation loss
+    load_checkpoint = staticmethod(checkpoint.load_checkpoint)  # (path, model, optimizer) -> trainer state
+    save_checkpoint = staticmethod(checkpoint.save_checkpoint)  # (root, step, model, optimizer, state, keep_last)
 
-    def device(self, name: str) -> torch.device:
-        return pick_device(name)
-
-    def wrap(self, model: Transformer) -> Transformer:
+    def wrap(self, model: Transformer) -> nn.Module:
         return model
-
-    def clip_gradients(self, model: nn.Module, max_norm: float) -> Tensor:
-        return clip_gradients(model, max_norm)
 
     def reduce_step(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
         return out
 
     def any(self, flag: bool) -> bool:
         return flag
-
-    def evaluate(self, forward: nn.Module, batches: list[tuple[Tensor, Tensor]], device: torch.device) -> float:
-        return evaluate(forward, batches, device)
-
-    def load_checkpoint(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        return checkpoint.load_checkpoint(path, model, optimizer)
-
-    def save_checkpoint(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        state: dict[str, Any], keep_last: int) -> Path:
-        return checkpoint.save_checkpoint(root, step, model, optimizer, state, keep_last)
 
     def barrier(self) -> None:
         pass
