@@ -31,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from moe import MoE, MoEConfig, benchmark
+from moe.device import pick_device
 
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
 
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", action="store_true")
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
-    device = benchmark.pick_device(args.device)
+    device = pick_device(args.device)
     dtype = benchmark.pick_dtype(args.dtype, device)
     if args.warmup is None:
         args.warmup = benchmark.default_warmup(device)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from . import benchmark, components, device_info, flops
 from .cli import UserError
+from .device import pick_device
 from .config import load_config
 from .projection import Cluster, Component, ModelShape, compare, implied_tflops_per_gpu, project, \
     projected_value, training_run
@@ -72,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
         if config.moe is None:
             raise ValueError(f"--backend {args.backend}: config {config.name!r} has no MoE layers")
         config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, backend=args.backend))
-    device = benchmark.pick_device(args.device)
+    device = pick_device(args.device)
     dtype = benchmark.pick_dtype(args.dtype, device)
     if args.warmup is None:
         args.warmup = benchmark.default_warmup(device)

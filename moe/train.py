@@ -17,11 +17,9 @@ when torchrun launched the process (expert parallelism, FSDP2, sharded checkpoin
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -35,6 +33,8 @@ from tqdm import tqdm
 
 from . import checkpoint, metrics
 from .config import ModelConfig
+from .device import pick_device
+from .run_folder import clear_run_dir, locate_run, rng_state, set_rng_state
 from .data import BatchSampler, TokenView, check_vocab, eval_batches, load_corpus, split_ranges
 from .layer import MoE, update_expert_biases
 from .model import Transformer
@@ -100,15 +100,6 @@ class TrainArgs:
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def build_model(config: ModelConfig, device: torch.device) -> Transformer:
@@ -199,46 +190,6 @@ def moe_stats(model: Transformer) -> list[dict[str, Any]]:
     return rows
 
 
-# --------------------------------------------------------------------------- RNG and run folder
-
-
-def rng_state() -> dict[str, Any]:
-    encode = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
-    state = {"torch": encode(torch.get_rng_state())}
-    if torch.cuda.is_available():
-        state["cuda"] = [encode(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    decode = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
-    torch.set_rng_state(decode(state["torch"]))
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
-
-
-RUN_FILES = ("run.json", "metrics.jsonl", "checkpoints", "loss.png", "expert_load.png")
-
-
-def check_run_dir(run_dir: Path, args: TrainArgs) -> None:
-    """Refuse to start a fresh run over another one unless told to overwrite it."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise NotADirectoryError(f"output {run_dir} exists and is not a folder")
-    held = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if held and not args.resume and not args.overwrite:
-        raise FileExistsError(f"{run_dir} holds another run ({', '.join(held)}); pass --resume {run_dir} "
-                              f"to continue it or --overwrite to replace it")
-
-
-def clear_run_dir(run_dir: Path) -> None:
-    for name in RUN_FILES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
 # --------------------------------------------------------------------------- one process or many
 
 
@@ -311,7 +262,7 @@ def _train(config: ModelConfig, args: TrainArgs, rt: SingleProcess) -> dict[str,
     if args.compile and device.type == "cpu" and config.moe is not None and config.moe.backend == "torch":
         raise ValueError("--compile on CPU needs 'backend: eager' under moe: in the config (torch's "
                          "grouped_mm compiles only in bf16, which CUDA training uses)")
-    run_dir, resume_from, continuing = _locate_run(config, args)
+    run_dir, resume_from, continuing = locate_run(config.name, args.out, args.resume, args.overwrite)
 
     # Everything that can fail on bad input happens before the run folder is touched.
     corpus = load_corpus(args.data, args.token_dtype)
@@ -436,28 +387,6 @@ def _train(config: ModelConfig, args: TrainArgs, rt: SingleProcess) -> dict[str,
         "checkpoint": str(kept[-1]) if kept else None, "metrics": str(run_dir / "metrics.jsonl"),
         "plots": [str(p) for p in plots],
     }
-
-
-def _locate_run(config: ModelConfig, args: TrainArgs) -> tuple[Path, Path | None, bool]:
-    """(run folder, checkpoint to resume from, whether the run continues in its own folder)."""
-    if not args.resume:
-        run_dir = Path(args.out or f"runs/{config.name}")
-        check_run_dir(run_dir, args)
-        return run_dir, None, False
-    resume_from = checkpoint.resolve_checkpoint(args.resume)
-    home = resume_from.parent.parent if resume_from.parent.name == "checkpoints" else None
-    if args.out is None and home is None:
-        raise ValueError(f"checkpoint {resume_from} is not inside a run folder: pass --out for the new run")
-    run_dir = Path(args.out) if args.out else home
-    continuing = home is not None and run_dir.resolve() == home.resolve()
-    if continuing:
-        newer = [p.name for p in checkpoint.checkpoint_dirs(resume_from.parent) if p.name > resume_from.name]
-        if newer:
-            raise ValueError(f"{run_dir} has checkpoints newer than {resume_from.name} ({', '.join(newer)}): "
-                             f"resume from the run folder, or move them away first")
-    else:
-        check_run_dir(run_dir, dataclasses.replace(args, resume=None))
-    return run_dir, resume_from, continuing
 
 
 def _draw_plots(run_dir: Path) -> list[Path]:

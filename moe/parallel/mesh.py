@@ -66,7 +66,7 @@ def under_torchrun() -> bool:
     return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def rank_device(name: str = "auto") -> torch.device:
     """This rank's device: cuda:LOCAL_RANK when CUDA is there (or asked for), else the CPU."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -85,7 +85,7 @@ def init_parallel(ep: int, device: str = "auto", timeout_s: float = 600.0) -> Pa
     the run instead of hanging it."""
     world = int(os.environ["WORLD_SIZE"])
     check_layout(world, ep)
-    torch_device = pick_device(device)
+    torch_device = rank_device(device)
     # gloo also serves the CPU tensors of a CUDA run (barriers, checkpoint bookkeeping).
     backend = "cpu:gloo,cuda:nccl" if torch_device.type == "cuda" else "gloo"
     if not dist.is_initialized():
