@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine is for, in one call: correctness first, then timings.
 #
-#   COMMIT=$(git rev-parse HEAD) OUT=/tmp/out bash bench/gpu_session.sh check   # kernel tests on the GPU, ~3 min
-#   COMMIT=... OUT=... bash bench/gpu_session.sh quick     # + grouped_gemm and moe_layer --quick
+#   COMMIT=$(git rev-parse HEAD) OUT=/tmp/out bash bench/gpu_session.sh check   # kernel tests and a training step on the GPU, ~2 min
+#   COMMIT=... OUT=... bash bench/gpu_session.sh quick     # kernel tests, grouped_gemm and moe_layer --quick
 #   COMMIT=... OUT=... bash bench/gpu_session.sh full      # grouped_gemm, moe_layer, run_all (sizes for a GPU)
 #   COMMIT=... OUT=... bash bench/gpu_session.sh tune      # sweep tile configs into $OUT/gemm_configs.json
 #
@@ -35,14 +35,16 @@ $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 case $what in
 check|quick)
-  step kernel_tests 300 $py -m pytest -q -x -p no:cacheprovider tests/kernels tests/test_experts.py tests/test_dispatch.py
-  step model_on_gpu 120 $py -m moe bench train --config configs/tiny.yaml --backend triton --repeats 3 --json
+  step kernel_tests 240 $py -m pytest -q -p no:cacheprovider tests/kernels tests/test_experts.py tests/test_dispatch.py
   ;;
 esac
 case $what in
+check)
+  step model_on_gpu 120 $py -m moe bench train --config configs/tiny.yaml --backend triton --repeats 3 --json
+  ;;
 quick)
-  step grouped_gemm 240 $py bench/grouped_gemm.py --quick --commit "$COMMIT" --out "$dir/results"
-  step moe_layer 180 $py bench/moe_layer.py --quick --results-dir "$dir/results"
+  step grouped_gemm 200 $py bench/grouped_gemm.py --quick --commit "$COMMIT" --out "$dir/results"
+  step moe_layer 130 $py bench/moe_layer.py --quick --results-dir "$dir/results"
   ;;
 full)
   step grouped_gemm 420 $py bench/grouped_gemm.py --commit "$COMMIT" --out "$dir/results"
