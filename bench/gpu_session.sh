@@ -4,7 +4,8 @@
 #   COMMIT=$(git rev-parse HEAD) OUT=/tmp/out bash bench/gpu_session.sh check   # kernel tests and a training step on the GPU, ~2 min
 #   COMMIT=... OUT=... bash bench/gpu_session.sh quick     # kernel tests, grouped_gemm and moe_layer --quick
 #   COMMIT=... OUT=... bash bench/gpu_session.sh full      # grouped_gemm, moe_layer, run_all (sizes for a GPU)
-#   COMMIT=... OUT=... bash bench/gpu_session.sh tune      # sweep tile configs into $OUT/gemm_configs.json
+#   TUNE_KINDS="--tune-kind dw" ... bash bench/gpu_session.sh tune  # sweep tile configs, then --quick with them;
+#                                                                     the table comes back as session/gemm_configs.json
 #
 # The machine has no network and no .git: the project runs from PYTHONPATH, the commit comes
 # from $COMMIT. Each step has its own time limit so that one hung step cannot eat the call;
@@ -51,8 +52,10 @@ full)
   step moe_layer 300 $py bench/moe_layer.py --results-dir "$dir/results"
   step run_all 540 $py bench/run_all.py --results-dir "$dir/results"
   ;;
-tune)
-  step tune 540 $py bench/grouped_gemm.py --tune --commit "$COMMIT" --table "$dir/gemm_configs.json"
+tune)  # tune KINDS (default: every kind) in place, keep the table, then time the quick shapes with it
+  step tune "${TUNE_LIMIT:-330}" $py bench/grouped_gemm.py --tune ${TUNE_KINDS:-} --commit "$COMMIT"
+  cp kernels/gemm_configs.json "$dir/gemm_configs.json"
+  step grouped_gemm 130 $py bench/grouped_gemm.py --quick --commit "$COMMIT" --out "$dir/results"
   ;;
 esac
 tar -C "$OUT" -czf "$OUT/session.tar.gz" session && echo "packed $(du -h "$OUT/session.tar.gz" | cut -f1) into session.tar.gz"
