@@ -3,7 +3,8 @@
 #
 #   COMMIT=$(git rev-parse HEAD) OUT=/tmp/out bash bench/gpu_session.sh check   # kernel tests and a training step on the GPU, ~2 min
 #   COMMIT=... OUT=... bash bench/gpu_session.sh quick     # kernel tests, grouped_gemm and moe_layer --quick
-#   COMMIT=... OUT=... bash bench/gpu_session.sh full      # grouped_gemm, moe_layer, run_all (sizes for a GPU)
+#   COMMIT=... OUT=... bash bench/gpu_session.sh calibrate # moe_layer --quick and bench/run_all.py
+#   COMMIT=... OUT=... bash bench/gpu_session.sh full      # grouped_gemm and moe_layer on every shape
 #   TUNE_KINDS="--tune-kind dw" ... bash bench/gpu_session.sh tune  # sweep tile configs, then --quick with them;
 #                                                                     the table comes back as session/gemm_configs.json
 #
@@ -47,10 +48,13 @@ quick)
   step grouped_gemm 200 $py bench/grouped_gemm.py --quick --commit "$COMMIT" --out "$dir/results"
   step moe_layer 130 $py bench/moe_layer.py --quick --results-dir "$dir/results"
   ;;
+calibrate)  # the whole-layer bench on the quick shapes, then every calibration job of run_all
+  step moe_layer 120 $py bench/moe_layer.py --quick --results-dir "$dir/results"
+  step run_all "${RUN_ALL_LIMIT:-400}" $py bench/run_all.py --results-dir "$dir/results"
+  ;;
 full)
   step grouped_gemm 420 $py bench/grouped_gemm.py --commit "$COMMIT" --out "$dir/results"
-  step moe_layer 300 $py bench/moe_layer.py --results-dir "$dir/results"
-  step run_all 540 $py bench/run_all.py --results-dir "$dir/results"
+  step moe_layer 170 $py bench/moe_layer.py --results-dir "$dir/results"
   ;;
 tune)  # tune KINDS (default: every kind) in place, keep the table, then time the quick shapes with it
   step tune "${TUNE_LIMIT:-330}" $py bench/grouped_gemm.py --tune ${TUNE_KINDS:-} --commit "$COMMIT"

@@ -142,16 +142,27 @@ class _ScaleGrad(torch.autograd.Function):
 
 def _triton_kernels(x: Tensor):
     """The kernels module if Triton can run on x's device, else None after one warning."""
+    reason = _triton_unavailable(x.device, x.dtype)
+    if reason:
+        _warn_once(f"backend 'triton' unavailable ({reason}); using 'torch'")
+        return None
+    import kernels
+
+    return kernels
+
+
+@torch.compiler.assume_constant_result
+def _triton_unavailable(device: torch.device, dtype: torch.dtype) -> str:
+    """'' where the kernels can run on (device, dtype), else why not.
+
+    torch.compile takes the answer as a constant instead of tracing the checks (device queries,
+    isinstance on kernel objects) that Dynamo cannot follow."""
     try:
         import kernels
     except ImportError as e:
-        _warn_once(f"backend 'triton' unavailable ({e}); using 'torch'")
-        return None
-    ok, reason = kernels.triton_available(x.device, x.dtype)
-    if not ok:
-        _warn_once(f"backend 'triton' unavailable ({reason}); using 'torch'")
-        return None
-    return kernels
+        return str(e)
+    ok, reason = kernels.triton_available(device, dtype)
+    return "" if ok else reason
 
 
 def _warn_once(message: str) -> None:
