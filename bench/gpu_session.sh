@@ -53,8 +53,8 @@ calibrate)  # the whole-layer bench on the quick shapes, then every calibration 
   step run_all "${RUN_ALL_LIMIT:-400}" $py bench/run_all.py --results-dir "$dir/results"
   ;;
 full)
-  step grouped_gemm 420 $py bench/grouped_gemm.py --commit "$COMMIT" --out "$dir/results"
-  step moe_layer 170 $py bench/moe_layer.py --results-dir "$dir/results"
+  step grouped_gemm "${GEMM_LIMIT:-420}" $py bench/grouped_gemm.py --commit "$COMMIT" --out "$dir/results"
+  step moe_layer "${LAYER_LIMIT:-170}" $py bench/moe_layer.py --results-dir "$dir/results"
   ;;
 tune)  # tune KINDS (default: every kind) in place, keep the table, then time the quick shapes with it
   step tune "${TUNE_LIMIT:-330}" $py bench/grouped_gemm.py --tune ${TUNE_KINDS:-} --commit "$COMMIT"
