@@ -102,7 +102,9 @@ def torch_grouped_mm(a_RK: Tensor, b_EKN: Tensor, offs: Tensor) -> Tensor:
     if pad_k or pad_n:
         a_RK = F.pad(a_RK, (0, pad_k))
         b_EKN = F.pad(b_EKN, (0, pad_n, 0, pad_k))
-    out = _ContiguousGrad.apply(F.grouped_mm(a_RK, b_EKN, offs=offs))
+    # offs must be contiguous: on CUDA (torch 2.11) grouped_mm reads offs from its data pointer
+    # with unit stride, so a strided view (offs[P-1::P]) silently groups the wrong rows.
+    out = _ContiguousGrad.apply(F.grouped_mm(a_RK, b_EKN, offs=offs.contiguous()))
     return out[:, :N] if pad_n else out
 
 
