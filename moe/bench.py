@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from . import benchmark, components, device_info, flops
 from .cli import UserError
-from .device import pick_device
 from .config import ModelConfig, load_config
+from .device import pick_device
 from .layer import update_expert_biases
 from .model import Transformer
 

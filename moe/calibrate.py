@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from . import benchmark, components, device_info, flops
 from .cli import UserError
-from .device import pick_device
 from .config import load_config
+from .device import pick_device
 from .projection import Cluster, Component, ModelShape, compare, implied_tflops_per_gpu, project, \
     projected_value, training_run
 from .published import claims_for

@@ -33,11 +33,11 @@ from tqdm import tqdm
 
 from . import checkpoint, metrics
 from .config import ModelConfig
-from .device import pick_device
-from .run_folder import clear_run_dir, locate_run, rng_state, set_rng_state
 from .data import BatchSampler, TokenView, check_vocab, eval_batches, load_corpus, split_ranges
+from .device import pick_device
 from .layer import MoE, update_expert_biases
 from .model import Transformer
+from .run_folder import clear_run_dir, locate_run, rng_state, set_rng_state
 
 
 class TrainingDiverged(ValueError):
