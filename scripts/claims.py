@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run folders (default runs/claims, or runs/claims-quick with --quick)")
     p.add_argument("--docs-dir", type=Path, default=None,
                    help="where claims.md and claims/ go (default docs, or the runs folder with --quick)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per layer plan for claim 2 (default 2)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per trained layer plan for claim 2 (default 3)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     args = p.parse_args(argv)
     if args.seeds < 1:
@@ -60,12 +60,12 @@ def measure(args: argparse.Namespace, command: str) -> dict:
     setup = Setup(runs_dir=args.runs_dir, quick=args.quick, device=args.device, seeds=args.seeds)
     env = environment(pick_device(args.device))  # before the runs: the load average of the machine as found
     data = prepare_data(setup)
-    runs = len(balance.METHODS) + len(layering.PLANS) * (1 if args.quick else args.seeds) + \
+    runs = len(balance.METHODS) + len(layering.TRAINED) * (1 if args.quick else args.seeds) + \
         len(capacity.SETTINGS) * len(capacity.MODES)
     with progress_bar(runs) as setup.bar:
         claims = {key: module.measure(setup) for key, module in CLAIMS.items()}
     return {"schema": SCHEMA, "command": command, "quick": args.quick, "environment": env, "data": data,
-            "wall_s": time.perf_counter() - start, "claims": claims}
+            "wall_s": time.perf_counter() - start, "load_average_end": round(os.getloadavg()[0], 2), "claims": claims}
 
 
 def judge_and_draw(result: dict, docs_dir: Path) -> Path:

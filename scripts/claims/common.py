@@ -33,7 +33,7 @@ class Setup:
     runs_dir: Path
     quick: bool = False
     device: str = "auto"
-    seeds: int = 2  # claim 2 trains every layer plan with this many seeds
+    seeds: int = 3  # claim 2 trains each compared layer plan with this many seeds
     data: str | None = None  # set by prepare_data
     bar: Any = None  # tqdm over all runs of the invocation
     log: list[str] = field(default_factory=list)

@@ -69,8 +69,9 @@ def header(result: dict[str, Any]) -> list[str]:
         f"hand: `python scripts/claims.py --report-only` rewrites this page and its plots from the JSON, "
         f"`python scripts/claims.py` reruns everything.",
         "",
-        f"- **Device:** {env['device']} ({env['label']}), {env['threads']} threads, 1-minute load average "
-        f"{env['load_average_1m']} at the start (other work shares the machine).",
+        f"- **Device:** {env['device']} ({env['label']}), {env['threads']} threads; 1-minute load average "
+        f"{env['load_average_1m']} at the start and {result['load_average_end']} at the end (other work shares "
+        f"the machine).",
         f"- **Software:** torch {env['torch']}, Python {env['python']}, commit `{commit}`, {env['timestamp']}.",
         f"- **Data:** {result['data']['source']}, {result['data']['bytes']:,} bytes, read as bytes (vocab 256); "
         f"validation loss is in nats per byte on the held-out tenth.",
@@ -156,16 +157,19 @@ def bias_twins(methods: dict[str, Any]) -> str:
 
 def layering_section(n: dict[str, Any]) -> list[str]:
     t = n["timing"]
+    trained = [name for name, p in n["plans"].items() if p["runs"]]
+    seeds = len(n["plans"][trained[0]]["runs"])
     lines = [
-        f"**What ran.** Four layer plans of a 12-layer model derived from `configs/tiny.yaml` "
+        f"**What ran.** Layer plans of a 12-layer model derived from `configs/tiny.yaml` "
         f"({_config_line(n['config'])}, zero-mean bias balancing, dropless). Each dense layer's FFN is "
         f"{n['dense_ffn']} wide so that it has the active parameters of an MoE layer (router + top-k experts + "
         f"shared expert): every plan has the same active parameters to within {n['active_spread']:.2%} "
-        f"(`moe.flops.count`). Throughput: {t['rounds']} interleaved rounds, each timing every plan for "
-        f"{t['steps_per_sample']} training steps of {t['tokens_per_step']:,} tokens, the order rotated every "
-        f"round; speedups are paired within a round, so slow spells of the shared machine hit both sides. "
-        f"Quality: {len(n['plans']['all-moe']['runs'])} seed(s) per plan, {n['steps']} steps each, final "
-        f"validation loss compared at equal steps (paired by seed).",
+        f"(`moe.flops.count`), so the same FLOPs per token. Throughput: {t['rounds']} interleaved rounds, each "
+        f"timing every plan for {t['steps_per_sample']} training steps of {t['tokens_per_step']:,} tokens, the "
+        f"order rotated every round; speedups are paired within a round, so slow spells of the shared machine "
+        f"hit both sides. Quality: {', '.join(trained)} trained with {seeds} seed{'s' if seeds > 1 else ''} "
+        f"each, {n['steps']} steps, final validation loss compared at equal steps (paired by seed: same "
+        f"initialisation seed and batches); the other plans are timed only.",
         "",
         "| plan | layers (D dense, M MoE) | total params | active params | train MFLOP/token | tokens/s median "
         "(p20-p80) | speedup vs all-MoE (p20-p80) | val loss (mean; seeds) | loss change vs all-MoE (mean; min to max) |",
@@ -174,13 +178,13 @@ def layering_section(n: dict[str, Any]) -> list[str]:
     for name, p in n["plans"].items():
         q = quantiles(p["tokens_per_s"])
         c = n["comparisons"].get(name)
-        speed = (f"{c['speedup']['median']:+.1%} ({c['speedup']['p20']:+.1%} to {c['speedup']['p80']:+.1%})"
-                 if c else ("baseline" if name == "all-moe" else "-"))
+        speed = ("baseline" if c is None else
+                 f"{c['speedup']['median']:+.1%} ({c['speedup']['p20']:+.1%} to {c['speedup']['p80']:+.1%})")
         losses = [r["val_loss"] for r in p["runs"]]
         loss = (f"{sum(losses) / len(losses):.4f} ({', '.join(f'{v:.4f}' for v in losses)})" if losses
                 else "not trained")
-        change = (f"{c['loss_change']['mean']:+.2%} ({c['loss_change']['min']:+.2%} to {c['loss_change']['max']:+.2%})"
-                  if c else ("baseline" if name == "all-moe" else "-"))
+        change = ("baseline" if name == "all-moe" else "-" if c["loss_change"] is None else
+                  f"{c['loss_change']['mean']:+.2%} ({c['loss_change']['min']:+.2%} to {c['loss_change']['max']:+.2%})")
         lines.append(f"| {p['label']} | `{p['layers']}` | {p['params_total']:,} | {p['params_active']:,} | "
                      f"{p['train_flops_per_token'] / 1e6:.2f} | {q['median']:,.0f} ({q['p20']:,.0f}-{q['p80']:,.0f}) | "
                      f"{speed} | {loss} | {change} |")
@@ -222,8 +226,8 @@ def capacity_section(n: dict[str, Any]) -> list[str]:
             lines.append(f"| {entry['label']} | {entry['slots']:,} / {entry['assignments']:,} | {mode} | "
                          f"{m['drop_mean']:.2%} | {m['drop_late']:.2%} | {m['drop_max']:.2%} | "
                          f"{m['load_max_mean']:.2f} | {m['val_loss']:.4f} |")
+    lines += ["", *dropless_twins(n["settings"])]
     lines += [
-        "",
         "![drop rate over training, static against dynamic capacity](claims/capacity.png)",
         "",
         "**What this shows.** How many assignments static capacity drops at a given memory budget as routing "
@@ -233,3 +237,19 @@ def capacity_section(n: dict[str, Any]) -> list[str]:
         "cannot borrow another rank's slots and the budget is per device, not global.",
     ]
     return lines
+
+
+def dropless_twins(settings: dict[str, Any]) -> list[str]:
+    """Runs that dropped nothing and share a balancing setting compute the same thing whatever
+    their slots: say so where the data show it (identical validation curves)."""
+    groups: dict[str, list[str]] = {}
+    for entry in settings.values():
+        for mode, m in entry["modes"].items():
+            if m["drop_max"] == 0.0:
+                groups.setdefault(repr(m["eval"]), []).append(f"{mode} / {entry['label']}")
+    twins = [names for names in groups.values() if len(names) > 1]
+    if not twins:
+        return []
+    return [("A run that drops nothing computes what a dropless model computes, whatever its slots: "
+             + "; ".join(" and ".join(names) for names in twins)
+             + " logged identical validation losses at every evaluation."), ""]
