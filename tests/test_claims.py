@@ -73,7 +73,8 @@ def test_numbers_come_from_the_runs(quick):
     # Claim 3: the drop rates are the runs' logged ones; dynamic capacity drops nothing at factor >= 1.
     for name, entry in result["claims"]["capacity"]["settings"].items():
         for mode, numbers in entry["modes"].items():
-            rows = [r for r in read_rows(runs / "capacity" / f"{name}-{mode}" / "metrics.jsonl") if r["kind"] == "train"]
+            rows = read_rows(runs / "capacity" / f"{name}-{mode}" / "metrics.jsonl")
+            rows = [r for r in rows if r["kind"] == "train"]
             assert numbers["drop_mean"] == pytest.approx(np.mean([r["drop_rate"] for r in rows]), abs=1e-6)
         assert entry["modes"]["dynamic"]["drop_max"] == 0.0  # every setting has factor >= 1
     # Claim 1: the window utilisation is K x the load averaged over the last third of the logged rows.

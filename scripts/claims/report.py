@@ -37,7 +37,8 @@ CLAIMS = {  # key -> (title, module, the seed's words, translation)
 def write(result: dict[str, Any], docs_dir: Path) -> Path:
     """Write <docs_dir>/claims.md from `result` (the contents of claims.json)."""
     lines = header(result)
-    lines += ["## Summary", "", "| # | claim (seed 002, section 1.1) | verdict | what was measured |", "|---|---|---|---|"]
+    lines += ["## Summary", "", "| # | claim (seed 002, section 1.1) | verdict | what was measured |",
+              "|---|---|---|---|"]
     for i, (key, (title, _, _, _)) in enumerate(CLAIMS.items(), 1):
         v = result["claims"][key]["verdict"]
         lines.append(f"| {i} | {title} | **{v['label']}** | {v['why']} |")
@@ -124,7 +125,8 @@ def balance_section(n: dict[str, Any]) -> list[str]:
     for m in n["methods"].values():
         w, r, f = m["window"], m["per_row_late"], m["per_row_first"]
         lines.append(f"| {m['label']} | {m['val_loss']:.3f} | {f['max_mean']:.2f} (step {f['step']}) | "
-                     f"{r['max_mean']:.2f} ± {r['max_mean_std']:.2f} | {w['max_mean']:.2f} / {w['max_mean_worst']:.2f} | "
+                     f"{r['max_mean']:.2f} ± {r['max_mean_std']:.2f} | "
+                     f"{w['max_mean']:.2f} / {w['max_mean_worst']:.2f} | "
                      f"{w['min_mean_worst']:.2f} | {w['cv']:.2f} | {w['util_min']:.1%} - {w['util_max']:.1%} | "
                      f"{w['in_band_share']:.0%} |")
     lines += [
@@ -172,7 +174,8 @@ def layering_section(n: dict[str, Any]) -> list[str]:
         f"initialisation seed and batches); the other plans are timed only.",
         "",
         "| plan | layers (D dense, M MoE) | total params | active params | train MFLOP/token | tokens/s median "
-        "(p20-p80) | speedup vs all-MoE (p20-p80) | val loss (mean; seeds) | loss change vs all-MoE (mean; min to max) |",
+        "(p20-p80) | speedup vs all-MoE (p20-p80) | val loss (mean; seeds) | "
+        "loss change vs all-MoE (mean; min to max) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, p in n["plans"].items():
