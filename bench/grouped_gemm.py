@@ -286,6 +286,10 @@ def main(argv=None) -> None:
     experts = QUICK["experts"] if args.quick else EXPERTS
     sizes = QUICK["rows"] if args.quick else ROWS
     ops = args.op or ("grouped_mm", "expert_ffn")
+    out_dir = args.out or ROOT / "bench" / "results" / device_slug(torch.cuda.get_device_name(0))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "grouped_gemm.json"
+    env = environment(args)
     results = []
     for model, e, m, routing in itertools.product(models, experts, sizes, ROUTINGS):
         cases = [(grouped_mm_case, (proj, e, m, routing)) for proj in ("up", "down") if "grouped_mm" in ops]
@@ -298,12 +302,10 @@ def main(argv=None) -> None:
                               "ok": False, "error": "CUDA out of memory"}]
             torch.cuda.empty_cache()
             for row in rows_done:
-                print(summary_line(row))
+                print(summary_line(row), flush=True)
             results += rows_done
-    out_dir = args.out or ROOT / "bench" / "results" / device_slug(torch.cuda.get_device_name(0))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "grouped_gemm.json"
-    path.write_text(json.dumps({**environment(args), "results": results}, indent=1) + "\n")
+            # rewritten after every case, so that a run stopped by a time limit keeps what it measured
+            path.write_text(json.dumps({**env, "results": results}, indent=1) + "\n")
     print(f"wrote {path}")
     from grouped_gemm_plot import plot
 

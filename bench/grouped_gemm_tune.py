@@ -107,21 +107,24 @@ def tune_class(kind: str, cls: str) -> tuple[dict, float]:
 
 
 def tune_and_write(kinds: list[str] | None, commit: str, out_path: Path = TABLE_PATH) -> None:
-    """Tune, then write the table (kernels/gemm_configs.json with this GPU's section replaced) to out_path."""
+    """Tune, then write the table (kernels/gemm_configs.json with this GPU's section replaced) to out_path.
+
+    The table is rewritten after every shape class, so a sweep stopped by a time limit keeps its winners."""
     section = device_family(torch.cuda.get_device_name(0))
     table = dict(load_table())
     entries = dict(table.get(section, {}))
+    provenance = dict(table.get("_provenance", {}))
+    tuned = list(provenance.get(section, {}).get("tuned", []))
     for kind in kinds or ("rows", "swiglu_up", "dw"):
         for cls in ROWS_PER_GROUP:
             best, ms = tune_class(kind, cls)
             entries[f"{kind}/16bit/{cls}"] = best
-            print(f"{kind}/16bit/{cls}: {best}  ({ms:.3f} ms on the representative problems)")
-    table[section] = entries
-    provenance = dict(table.get("_provenance", {}))
-    provenance[section] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                           "triton": triton.__version__, "commit": commit,
-                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    table["_provenance"] = provenance
-    out_path.write_text(dump_table(table))
-    load_table.cache_clear()
+            tuned = sorted(set(tuned) | {f"{kind}/16bit/{cls}"})
+            print(f"{kind}/16bit/{cls}: {best}  ({ms:.3f} ms on the representative problems)", flush=True)
+            provenance[section] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                                   "triton": triton.__version__, "commit": commit,
+                                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                                   "tuned": tuned}
+            out_path.write_text(dump_table({**table, section: entries, "_provenance": provenance}))
+            load_table.cache_clear()
     print(f"wrote {out_path} with section {section!r} tuned")

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from moe import MoE, MoEConfig, benchmark
+from moe.device import pick_device
 
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
 
@@ -184,6 +185,18 @@ def _time(module: nn.Module, x: torch.Tensor, device, warmup: int, repeats: int,
                                  "tflops": tokens / backward.median_s * 3 * fwd_flops / 1e12}}
 
 
+def _timed_row(impl: str, module: nn.Module, x: torch.Tensor, device, warmup: int, repeats: int,
+               fwd_flops: float) -> dict:
+    """One implementation's timings, or the out-of-memory error it hit (transformers' batched_mm
+    gathers a weight matrix per token: at a full layer's size it asks for hundreds of GiB)."""
+    try:
+        return {"impl": impl, **_time(module, x, device, warmup, repeats, fwd_flops)}
+    except torch.OutOfMemoryError as err:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"impl": impl, "error": f"out of memory: {str(err).splitlines()[0]}"}
+
+
 def run(shape: Shape, device: torch.device, dtype: str, warmup: int, repeats: int) -> dict:
     checked = check(shape, device)
     x = torch.randn(1, shape.tokens, shape.hidden, device=device, dtype=benchmark.DTYPES[dtype])
@@ -192,12 +205,11 @@ def run(shape: Shape, device: torch.device, dtype: str, warmup: int, repeats: in
     hf = build_hf(shape, device, benchmark.DTYPES[dtype])
     for impl in tqdm(HF_IMPLS, desc=f"{shape.model} transformers", disable=None):
         hf.hf_config._experts_implementation = impl
-        rows.append({"impl": f"transformers {impl}", **_time(hf, x, device, warmup, repeats, fwd_flops)})
+        rows.append(_timed_row(f"transformers {impl}", hf, x, device, warmup, repeats, fwd_flops))
     ours = ours_from(hf, shape, "torch")
     del hf  # one set of expert weights at a time: full-size layers are large
     for backend in tqdm(our_backends(device), desc=f"{shape.model} moe", disable=None):
-        rows.append({"impl": f"moe {backend}", **_time(with_backend(ours, backend), x, device, warmup, repeats,
-                                                        fwd_flops)})
+        rows.append(_timed_row(f"moe {backend}", with_backend(ours, backend), x, device, warmup, repeats, fwd_flops))
     return {"shape": shape.__dict__, "check": checked, "forward_flops_per_token": fwd_flops, "rows": rows}
 
 
@@ -212,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", action="store_true")
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
-    device = benchmark.pick_device(args.device)
+    device = pick_device(args.device)
     dtype = benchmark.pick_dtype(args.dtype, device)
     if args.warmup is None:
         args.warmup = benchmark.default_warmup(device)
@@ -242,6 +254,9 @@ def _print(result: dict) -> None:
               f"(max diff {max(block['check']['max_abs_diff'].values()):.2e})")
         print(f"  {'implementation':<26}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd TFLOP/s':>13}{'f+b TFLOP/s':>13}")
         for r in block["rows"]:
+            if "error" in r:
+                print(f"  {r['impl']:<26}{r['error']}")
+                continue
             f, fb = r["forward"], r["forward_backward"]
             print(f"  {r['impl']:<26}{f['median_s'] * 1e3:>10.4g}{fb['median_s'] * 1e3:>12.4g}"
                   f"{f['tflops']:>13.3g}{fb['tflops']:>13.3g}")

@@ -18,13 +18,21 @@ import torch
 _INTERPRETER_HINT = "set TRITON_INTERPRET=1 before triton is first imported to run the kernels on CPU"
 
 
+_INTERPRETING: bool | None = None
+
+
 def interpreting() -> bool:
     """True when this package's kernels were built by the Triton interpreter."""
-    from triton.runtime.interpreter import InterpretedFunction
+    global _INTERPRETING
+    if _INTERPRETING is None:
+        # Decided once, when the package is imported (kernels/__init__.py asks): Dynamo cannot
+        # evaluate isinstance on a compiled kernel object, but it can read a module-level bool.
+        from triton.runtime.interpreter import InterpretedFunction
 
-    from .schedule import tile_map_kernel
+        from .schedule import tile_map_kernel
 
-    return isinstance(tile_map_kernel, InterpretedFunction)
+        _INTERPRETING = isinstance(tile_map_kernel, InterpretedFunction)
+    return _INTERPRETING
 
 
 def triton_available(device: torch.device | str | None = None,

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import benchmark, components, device_info, flops
 from .cli import UserError
+from .device import pick_device
 from .config import ModelConfig, load_config
 from .layer import update_expert_biases
 from .model import Transformer
@@ -79,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if getattr(args, "backend", None):
         config = _with_backend(config, args.backend)
-    device = benchmark.pick_device(args.device)
+    device = pick_device(args.device)
     dtype = benchmark.pick_dtype(args.dtype, device)
     if args.warmup is None:
         args.warmup = benchmark.default_warmup(device)

@@ -1,4 +1,4 @@
-"""What every benchmark shares: device choice, timing, the measured matmul peak, peak memory,
+"""What every benchmark shares: dtype choice, timing, the measured matmul peak, peak memory,
 the environment record and the JSON result files.
 
 Timing rules (the same for every figure the project publishes):
@@ -38,15 +38,6 @@ DEFAULT_RESULTS_DIR = Path("bench") / "results"
 
 
 # --------------------------------------------------------------------------- device and dtype
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def pick_dtype(name: str, device: torch.device) -> str:

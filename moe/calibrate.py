@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from . import benchmark, components, device_info, flops
 from .cli import UserError
+from .device import pick_device
 from .config import load_config
 from .projection import Cluster, Component, ModelShape, compare, implied_tflops_per_gpu, project, \
     projected_value, training_run
@@ -72,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
         if config.moe is None:
             raise ValueError(f"--backend {args.backend}: config {config.name!r} has no MoE layers")
         config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, backend=args.backend))
-    device = benchmark.pick_device(args.device)
+    device = pick_device(args.device)
     dtype = benchmark.pick_dtype(args.dtype, device)
     if args.warmup is None:
         args.warmup = benchmark.default_warmup(device)
@@ -103,6 +104,8 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"out of memory timing the {kind} layer of {config.name} on {env['device']}: raise "
                             f"--ep (experts per GPU), lower --micro-batch, or time at --scale 2") from None
 
+    if on_gpu:  # a CPU shared with other jobs times its own matmul peak too noisily for this check
+        check_plausible(measured, peak["tflops"], env["device"])
     model = flops.count(config, seq_len)
     shape = ModelShape(config.hidden_size, config.moe.top_k if config.moe else 0, counts["moe"],
                        model.params_total - model.params_routed, model.params_routed, model.train_flops_per_token)
@@ -147,6 +150,20 @@ def _time(kind, config, timed_config, ep, batch, seq_len, timed_seq, device, dty
             "timed_tokens": timed_tokens, "timing": timing.to_dict(), "peak_memory_bytes": memory,
             "timed_flops_per_token": timed_flops, "timed_tflops": timed_flops / per_token / 1e12,
             "full_flops_per_token": full_flops, "full_seconds_per_token": per_token * full_flops / timed_flops}
+
+
+def check_plausible(measured: list[dict], peak_tflops: float, device: str, slack: float = 1.1) -> None:
+    """Refuse a layer timed faster than the dense matmul peak measured in the same run.
+
+    No layer does its counted FLOPs faster than one large torch.mm: such a figure means the layer
+    skipped work (the first H100 run timed a MoE layer at 1,514 TFLOP/s against a 789 peak, when
+    grouped_mm read strided offsets) or the FLOP count is wrong. `slack` leaves room for timing noise.
+    """
+    for m in measured:
+        if m["timed_tflops"] > slack * peak_tflops:
+            raise UserError(f"the {m['kind']} layer ran at {m['timed_tflops']:.4g} TFLOP/s, faster than the "
+                            f"{peak_tflops:.4g} TFLOP/s matmul peak measured on {device} in this run: the "
+                            f"layer skipped work or its FLOPs are miscounted; nothing was projected or saved")
 
 
 def _comparison(name, parts, shape, cluster, peaks, flops_per_token) -> list[dict]:

@@ -17,6 +17,9 @@ Training checkpoint (`save_checkpoint` / `load_checkpoint`), one folder per step
 Every file is written to a temporary name, fsynced and renamed; a training checkpoint is
 built in `step_X.tmp` and renamed to `step_X` only when complete, and older checkpoints are
 pruned only after that. A run killed mid-save leaves the previous checkpoint intact.
+
+Under torchrun each rank writes its own slices instead (moe/parallel/checkpoint.py); trainer.json
+then records the layout under "parallel", and load_pretrained assembles the full weights.
 """
 
 from __future__ import annotations
@@ -158,7 +161,12 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_bytes: in
 def read_model_tensors(directory: Path) -> dict[str, Tensor]:
     """The weights of a pretrained folder, single file or sharded (checksummed in a training checkpoint)."""
     if (directory / TRAINER_FILE).is_file():
-        data = _checked_bytes(directory, MODEL_FILE, read_json(directory / TRAINER_FILE))
+        state = read_json(directory / TRAINER_FILE)
+        if "parallel" in state:  # written by several ranks under torchrun
+            from .parallel.checkpoint import read_full_model
+
+            return read_full_model(directory)
+        data = _checked_bytes(directory, MODEL_FILE, state)
         return read_safetensors(directory / MODEL_FILE, data)
     if (directory / INDEX_FILE).is_file():
         weight_map = read_json(directory / INDEX_FILE).get("weight_map", {})
@@ -273,6 +281,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     """Restore model (and optimizer) from a checkpoint folder; returns trainer.json's contents."""
     path = Path(path)
     state = read_json(path / TRAINER_FILE)
+    if "parallel" in state:
+        raise ValueError(f"{path} is a sharded checkpoint of {state['parallel']['world']} ranks: resume it under "
+                         f"torchrun with the same layout (from_pretrained and generate read its weights anywhere)")
     model_path = path / MODEL_FILE
     load_model_state(model, read_safetensors(model_path, _checked_bytes(path, MODEL_FILE, state)), str(model_path))
     if optimizer is not None:

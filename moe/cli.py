@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MOE_DEBUG"):
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"moe {args.command}: error: {message}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""  # torchrun
+        print(f"moe {args.command}: error{rank}: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moe {args.command}: interrupted", file=sys.stderr)

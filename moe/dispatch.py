@@ -19,7 +19,8 @@ Worked example: T=3, K=2, topk_idx = [[1, 0], [1, 2], [0, 1]], E=3, dropless:
 Combining reverses it: y_slot[row_slot[r]] = y_row[r], then out[t] = sum_k w[t,k] y_slot[k*T+t].
 
 An expert-parallel all-to-all slots in between `permute` and the expert computation: the
-permuted rows of each expert are contiguous, and `counts_E` says how many to send where.
+permuted rows of each expert are contiguous, and the kept count per expert (the steps of
+`offs`) says how many to send where (moe/parallel/expert_parallel.py).
 """
 
 from __future__ import annotations
@@ -60,8 +61,15 @@ def count_ids(ids: Tensor, n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
-def plan_dispatch(topk_idx_TK: Tensor, load_E: Tensor, capacity_E: Tensor | None = None) -> DispatchPlan:
-    """Sort the T*K assignments by expert, dropping those beyond each expert's capacity."""
+def plan_dispatch(topk_idx_TK: Tensor, load_E: Tensor, capacity_E: Tensor | None = None,
+                  queue_offset_KE: Tensor | None = None) -> DispatchPlan:
+    """Sort the T*K assignments by expert, dropping those beyond each expert's capacity.
+
+    queue_offset_KE [K, E] (expert parallelism): how many assignments of other processes
+    stand ahead of this batch's first slot of choice k for expert e in the global queue, so
+    that capacity drops are those of one process holding every rank's tokens. None: this
+    batch is the whole queue.
+    """
     T, K = topk_idx_TK.shape
     num_experts = load_E.numel()
     expert_A = topk_idx_TK.t().reshape(-1)  # k-major slot order
@@ -69,7 +77,11 @@ def plan_dispatch(topk_idx_TK: Tensor, load_E: Tensor, capacity_E: Tensor | None
         kept_A = torch.ones_like(expert_A, dtype=torch.bool)
         key_A = expert_A
     else:
-        kept_A = position_in_expert(expert_A, load_E) < capacity_E[expert_A]
+        pos_A = position_in_expert(expert_A, load_E)
+        if queue_offset_KE is not None:
+            k_A = torch.arange(expert_A.numel(), device=expert_A.device) // T
+            pos_A = pos_A + queue_offset_KE[k_A, expert_A]
+        kept_A = pos_A < capacity_E[expert_A]
         key_A = torch.where(kept_A, expert_A, num_experts)  # drops sort after every expert
     row_slot = torch.argsort(key_A, stable=True)
     slot_row = torch.empty_like(row_slot)

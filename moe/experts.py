@@ -53,15 +53,20 @@ class Experts(nn.Module):
                                           plan.row_slot, plan.row_slot.numel(), self.activation)
         return unpermute(self.ffn(permute(x_TD, plan), plan.offs), plan)
 
-    def ffn(self, x_RD: Tensor, offs: Tensor) -> Tensor:
+    def ffn(self, x_RD: Tensor, offs: Tensor, weight_grad_scale: float = 1.0) -> Tensor:
         """Expert FFN on rows already grouped by expert: [R, D] -> [R, D].
 
         Rows past offs[-1] belong to no expert and come out unspecified; callers mask them.
-        This is the entry point an expert-parallel dispatcher uses after its all-to-all.
+        This is the entry point an expert-parallel dispatcher uses after its all-to-all; it
+        passes weight_grad_scale = 1 / (EP ranks), so that the weight gradients, which sum
+        the losses of every rank in the group, come out as their mean (see moe/parallel).
         """
+        w_in, w_out = self.w_in, self.w_out
+        if weight_grad_scale != 1.0:
+            w_in, w_out = _ScaleGrad.apply(w_in, weight_grad_scale), _ScaleGrad.apply(w_out, weight_grad_scale)
         mm = eager_grouped_mm if self.backend == "eager" else torch_grouped_mm
-        h_RF = activate(mm(x_RD, self.w_in, offs), self.activation)
-        return mm(h_RF, self.w_out, offs)
+        h_RF = activate(mm(x_RD, w_in, offs), self.activation)
+        return mm(h_RF, w_out, offs)
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
@@ -97,7 +102,9 @@ def torch_grouped_mm(a_RK: Tensor, b_EKN: Tensor, offs: Tensor) -> Tensor:
     if pad_k or pad_n:
         a_RK = F.pad(a_RK, (0, pad_k))
         b_EKN = F.pad(b_EKN, (0, pad_n, 0, pad_k))
-    out = _ContiguousGrad.apply(F.grouped_mm(a_RK, b_EKN, offs=offs))
+    # offs must be contiguous: on CUDA (torch 2.11) grouped_mm reads offs from its data pointer
+    # with unit stride, so a strided view (offs[P-1::P]) silently groups the wrong rows.
+    out = _ContiguousGrad.apply(F.grouped_mm(a_RK, b_EKN, offs=offs.contiguous()))
     return out[:, :N] if pad_n else out
 
 
@@ -122,18 +129,42 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
 def _triton_kernels(x: Tensor):
     """The kernels module if Triton can run on x's device, else None after one warning."""
+    reason = _triton_unavailable(x.device, x.dtype)
+    if reason:
+        _warn_once(f"backend 'triton' unavailable ({reason}); using 'torch'")
+        return None
+    import kernels
+
+    return kernels
+
+
+@torch.compiler.assume_constant_result
+def _triton_unavailable(device: torch.device, dtype: torch.dtype) -> str:
+    """'' where the kernels can run on (device, dtype), else why not.
+
+    torch.compile takes the answer as a constant instead of tracing the checks (device queries,
+    isinstance on kernel objects) that Dynamo cannot follow."""
     try:
         import kernels
     except ImportError as e:
-        _warn_once(f"backend 'triton' unavailable ({e}); using 'torch'")
-        return None
-    ok, reason = kernels.triton_available(x.device, x.dtype)
-    if not ok:
-        _warn_once(f"backend 'triton' unavailable ({reason}); using 'torch'")
-        return None
-    return kernels
+        return str(e)
+    ok, reason = kernels.triton_available(device, dtype)
+    return "" if ok else reason
 
 
 def _warn_once(message: str) -> None:

@@ -11,20 +11,20 @@ a non-finite loss is recorded on the device and reported (with its step) at the 
 
 The pieces a distributed trainer wraps are separate functions taking the model/optimizer:
 build_model, build_optimizer, train_step, clip_gradients, evaluate, save/load in checkpoint.py.
+`run` reaches them through a runtime: SingleProcess here, moe.parallel.trainer.Distributed
+when torchrun launched the process (expert parallelism, FSDP2, sharded checkpoints).
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ from tqdm import tqdm
 
 from . import checkpoint, metrics
 from .config import ModelConfig
+from .device import pick_device
+from .run_folder import clear_run_dir, locate_run, rng_state, set_rng_state
 from .data import BatchSampler, TokenView, check_vocab, eval_batches, load_corpus, split_ranges
 from .layer import MoE, update_expert_biases
 from .model import Transformer
@@ -72,6 +74,9 @@ class TrainArgs:
     save_every: int = _arg(200, "steps between checkpoints (one is always written at the end)")
     keep_last: int = _arg(3, "checkpoints kept")
     seed: int = _arg(0, "seed of the initialisation and of the data order")
+    ep: int = _arg(1, "expert parallelism under torchrun: split each layer's experts over this many ranks "
+                      "(it must divide the number of processes; the rest is data parallelism)")
+    dist_timeout: float = _arg(600.0, "under torchrun: seconds a collective may wait before the run fails")
     device: str = _arg("auto", "cpu, cuda, cuda:N or auto")
     compile: bool = _arg(False, "torch.compile the model")
     resume: str | None = _arg(None, "continue the run in this folder (or from this checkpoint)")
@@ -83,7 +88,7 @@ class TrainArgs:
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every",
-                    "save_every", "keep_last"):
+                    "save_every", "keep_last", "ep", "dist_timeout"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
         if self.seq_len is not None and self.seq_len <= 0:
@@ -95,15 +100,6 @@ class TrainArgs:
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def build_model(config: ModelConfig, device: torch.device) -> Transformer:
@@ -140,10 +136,12 @@ def clip_gradients(model: nn.Module, max_norm: float) -> Tensor:
 
 
 def train_step(model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
-               sampler: BatchSampler, args: TrainArgs, device: torch.device) -> dict[str, Tensor]:
+               sampler: BatchSampler, args: TrainArgs, device: torch.device,
+               clip: Callable[[nn.Module, float], Tensor] = clip_gradients) -> dict[str, Tensor]:
     """One optimizer step over grad_accum micro-batches; returns device tensors (no sync).
 
-    `forward` is what runs the batch (the model itself, or its torch.compile wrapper).
+    `forward` is what runs the batch (the model itself, or its torch.compile wrapper);
+    `clip` clips the gradients and returns their norm (a sharded model brings its own).
     """
     model.train()
     ce_sum = aux_sum = torch.zeros((), device=device)
@@ -155,16 +153,22 @@ def train_step(model: nn.Module, forward: nn.Module, optimizer: torch.optim.Opti
         aux = model.aux_loss()
         ((ce + aux) / args.grad_accum).backward()
         ce_sum, aux_sum = ce_sum + ce.detach(), aux_sum + aux.detach()
-    grad_norm = clip_gradients(model, args.grad_clip)
+    grad_norm = clip(model, args.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     update_expert_biases(model)  # uses the load of every micro-batch since the last update
     return {"loss": ce_sum / args.grad_accum, "aux_loss": aux_sum / args.grad_accum, "grad_norm": grad_norm}
 
 
-@torch.no_grad()
 def evaluate(forward: nn.Module, batches: list[tuple[Tensor, Tensor]], device: torch.device) -> float:
     """Mean cross-entropy (nats per token) over fixed batches."""
+    total, count = eval_sums(forward, batches, device)
+    return float(total) / count  # host sync, once per evaluation
+
+
+@torch.no_grad()
+def eval_sums(forward: nn.Module, batches: list[tuple[Tensor, Tensor]], device: torch.device) -> tuple[Tensor, int]:
+    """(summed cross-entropy as a float64 device tensor, token count) over the batches."""
     forward.eval()
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
     for x_BT, y_BT in batches:
@@ -173,7 +177,7 @@ def evaluate(forward: nn.Module, batches: list[tuple[Tensor, Tensor]], device: t
         total += F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.to(device).flatten(), reduction="sum")
         count += y_BT.numel()
     forward.train()
-    return float(total) / count  # host sync, once per evaluation
+    return total, count
 
 
 def moe_stats(model: Transformer) -> list[dict[str, Any]]:
@@ -186,44 +190,50 @@ def moe_stats(model: Transformer) -> list[dict[str, Any]]:
     return rows
 
 
-# --------------------------------------------------------------------------- RNG and run folder
+# --------------------------------------------------------------------------- one process or many
 
 
-def rng_state() -> dict[str, Any]:
-    encode = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
-    state = {"torch": encode(torch.get_rng_state())}
-    if torch.cuda.is_available():
-        state["cuda"] = [encode(s) for s in torch.cuda.get_rng_state_all()]
-    return state
+class SingleProcess:
+    """What `run` asks of the world it trains in; here, one process holds everything.
+    moe.parallel.trainer.Distributed answers the same questions for torchrun's ranks."""
+
+    rank, world_size, is_main = 0, 1, True
+    device = staticmethod(pick_device)  # (name) -> torch.device
+    clip_gradients = staticmethod(clip_gradients)  # (model, max_norm) -> norm before clipping
+    evaluate = staticmethod(evaluate)  # (forward, batches, device) -> mean validation loss
+    load_checkpoint = staticmethod(checkpoint.load_checkpoint)  # (path, model, optimizer) -> trainer state
+    save_checkpoint = staticmethod(checkpoint.save_checkpoint)  # (root, step, model, optimizer, state, keep_last)
+
+    def wrap(self, model: Transformer) -> nn.Module:
+        return model
+
+    def reduce_step(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        return out
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def barrier(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    decode = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
-    torch.set_rng_state(decode(state["torch"]))
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+def _runtime(args: TrainArgs) -> SingleProcess:
+    from .parallel import under_torchrun
 
+    if under_torchrun():
+        from .parallel.trainer import Distributed
 
-RUN_FILES = ("run.json", "metrics.jsonl", "checkpoints", "loss.png", "expert_load.png")
-
-
-def check_run_dir(run_dir: Path, args: TrainArgs) -> None:
-    """Refuse to start a fresh run over another one unless told to overwrite it."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise NotADirectoryError(f"output {run_dir} exists and is not a folder")
-    held = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if held and not args.resume and not args.overwrite:
-        raise FileExistsError(f"{run_dir} holds another run ({', '.join(held)}); pass --resume {run_dir} "
-                              f"to continue it or --overwrite to replace it")
-
-
-def clear_run_dir(run_dir: Path) -> None:
-    for name in RUN_FILES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        return Distributed(args)
+    if args.ep > 1:
+        raise ValueError(f"--ep {args.ep} needs several processes: launch with "
+                         f"torchrun --nproc-per-node N -m moe train ... --ep {args.ep}")
+    return SingleProcess()
 
 
 # --------------------------------------------------------------------------- the run
@@ -236,42 +246,61 @@ def run(config: ModelConfig, args: TrainArgs) -> dict[str, Any]:
     token) and val_bpb_start / val_bpb (bits per byte; None for token data), tokens_per_s
     (median over train rows), elapsed_s, drop_rate, load ({layer: per-expert share, mean of
     the last 10 train rows}), checkpoint (latest folder), metrics (path), plots (paths).
+
+    Launched by torchrun, every rank runs this with moe.parallel's runtime (expert and data
+    parallelism, sharded checkpoints); rank 0 writes the run folder.
     """
-    device = pick_device(args.device)
+    runtime = _runtime(args)
+    try:
+        return _train(config, args, runtime)
+    finally:
+        runtime.close()
+
+
+def _train(config: ModelConfig, args: TrainArgs, rt: SingleProcess) -> dict[str, Any]:
+    device = rt.device(args.device)
     if args.compile and device.type == "cpu" and config.moe is not None and config.moe.backend == "torch":
         raise ValueError("--compile on CPU needs 'backend: eager' under moe: in the config (torch's "
                          "grouped_mm compiles only in bf16, which CUDA training uses)")
-    run_dir, resume_from, continuing = _locate_run(config, args)
+    run_dir, resume_from, continuing = locate_run(config.name, args.out, args.resume, args.overwrite)
 
     # Everything that can fail on bad input happens before the run folder is touched.
     corpus = load_corpus(args.data, args.token_dtype)
     check_vocab(corpus, config.vocab_size)
     seq_len = args.seq_len or config.max_seq_len
     train_ranges, val_ranges = split_ranges(len(corpus.tokens), args.val_fraction)
-    sampler = BatchSampler(TokenView(corpus.tokens, train_ranges), args.batch_size, seq_len, args.seed)
-    val_set = eval_batches(TokenView(corpus.tokens, val_ranges), args.batch_size, seq_len, args.eval_batches)
+    sampler = BatchSampler(TokenView(corpus.tokens, train_ranges), args.batch_size, seq_len, args.seed,
+                           rt.rank, rt.world_size)
+    # One validation set for any number of ranks: each evaluates its rows of every batch.
+    mine = slice(rt.rank * args.batch_size, (rt.rank + 1) * args.batch_size)
+    val_set = [(x_BT[mine], y_BT[mine]) for x_BT, y_BT in eval_batches(
+        TokenView(corpus.tokens, val_ranges), args.batch_size * rt.world_size, seq_len, args.eval_batches)]
     torch.manual_seed(args.seed)
     model = build_model(config, device)
+    params = sum(p.numel() for p in model.parameters())
+    model = rt.wrap(model)
     optimizer = build_optimizer(model, args)
     step, tokens, elapsed = 0, 0, 0.0
     if resume_from is not None:
-        state = checkpoint.load_checkpoint(resume_from, model, optimizer)
+        state = rt.load_checkpoint(resume_from, model, optimizer)
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
         sampler.load_state_dict(state["data"])
         set_rng_state(state["rng"])
-    if args.overwrite and not continuing:
-        clear_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not continuing:
+    rt.barrier()  # every rank has checked the run folder before rank 0 changes it
+    if rt.is_main:
+        if args.overwrite and not continuing:
+            clear_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if rt.is_main and not continuing:
         record = {"config": config.to_dict(), "args": dataclasses.asdict(args), "data": corpus.source,
-                  "params": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
-                  "device": str(device), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                  "params": params, "torch": torch.__version__, "device": str(device),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S"), **rt.describe()}
         checkpoint.write_atomic(run_dir / "run.json", json.dumps(record, indent=2).encode())
-    log = metrics.MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step)
+    log = metrics.MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step) if rt.is_main else None
     forward = torch.compile(model) if args.compile else model
     ckpt_root = run_dir / "checkpoints"
 
-    tokens_per_step = args.batch_size * seq_len * args.grad_accum
+    tokens_per_step = args.batch_size * seq_len * args.grad_accum * rt.world_size
     last = min(args.steps, args.stop_at or args.steps)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step whose loss was not finite
     t0, elapsed0 = time.perf_counter(), elapsed
@@ -286,16 +315,17 @@ def run(config: ModelConfig, args: TrainArgs) -> dict[str, Any]:
                                    f"is {kept[-1] if kept else 'none (none was saved)'}")
 
     def eval_row() -> None:
-        val = evaluate(forward, val_set, device)
-        log.write({"kind": "eval", "step": step, "tokens": tokens, "elapsed_s": round(clock(), 3),
-                   "val_loss": val, "val_bpb": metrics.bits(val) if corpus.is_bytes else None})
+        val = rt.evaluate(forward, val_set, device)
+        if log:
+            log.write({"kind": "eval", "step": step, "tokens": tokens, "elapsed_s": round(clock(), 3),
+                       "val_loss": val, "val_bpb": metrics.bits(val) if corpus.is_bytes else None})
 
     def save() -> None:
         state = {"tokens": tokens, "elapsed_s": clock(), "data": sampler.state_dict(), "rng": rng_state(),
                  "args": dataclasses.asdict(args)}
-        checkpoint.save_checkpoint(ckpt_root, step, model, optimizer, state, args.keep_last)
+        rt.save_checkpoint(ckpt_root, step, model, optimizer, state, args.keep_last)
 
-    bar = tqdm(total=args.steps, initial=step, desc=config.name, disable=not args.progress,
+    bar = tqdm(total=args.steps, initial=step, desc=config.name, disable=not (args.progress and rt.is_main),
                dynamic_ncols=True, unit="step")
     try:
         if step == 0:
@@ -304,12 +334,12 @@ def run(config: ModelConfig, args: TrainArgs) -> dict[str, Any]:
             step += 1
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args)
-            out = train_step(model, forward, optimizer, sampler, args, device)
+            out = rt.reduce_step(train_step(model, forward, optimizer, sampler, args, device, rt.clip_gradients))
             tokens += tokens_per_step
             bar.update(1)
             finite = torch.isfinite(out["loss"] + out["aux_loss"])
             bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
-            stop = step == last or (args.time_limit is not None and clock() - elapsed0 > args.time_limit)
+            stop = step == last or (args.time_limit is not None and rt.any(clock() - elapsed0 > args.time_limit))
             if step % args.log_every == 0 or stop:
                 check_finite()
                 layers = moe_stats(model)
@@ -320,7 +350,8 @@ def run(config: ModelConfig, args: TrainArgs) -> dict[str, Any]:
                        "drop_rate": sum(r["drop_rate"] for r in layers) / len(layers) if layers else 0.0,
                        "load_max_mean": max((max(r["load"]) * len(r["load"]) for r in layers), default=1.0),
                        "layers": layers}
-                log.write(row)
+                if log:
+                    log.write(row)
                 t_row, tokens_row, paused = now, tokens, 0.0
                 bar.set_postfix_str(f"loss {row['loss']:.3f}  {row['tokens_per_s']:,.0f} tok/s  "
                                     f"drop {row['drop_rate']:.1%}  load max/mean {row['load_max_mean']:.2f}")
@@ -336,16 +367,18 @@ def run(config: ModelConfig, args: TrainArgs) -> dict[str, Any]:
                 break
     finally:
         bar.close()
-        log.close()
+        if log:
+            log.close()
 
+    rt.barrier()  # rank 0 has written metrics.jsonl
     rows = metrics.read_rows(run_dir / "metrics.jsonl")
-    plots = _draw_plots(run_dir) if args.plots else []
+    plots = _draw_plots(run_dir) if args.plots and rt.is_main else []
     first, final = metrics.eval_endpoints(rows)
     train_rows = [r for r in rows if r["kind"] == "train"]
     speeds = sorted(r["tokens_per_s"] for r in train_rows)
     kept = checkpoint.checkpoint_dirs(ckpt_root)
     return {
-        "run_dir": str(run_dir), "step": step, "tokens": tokens, "params": sum(p.numel() for p in model.parameters()),
+        "run_dir": str(run_dir), "step": step, "tokens": tokens, "params": params,
         "loss": train_rows[-1]["loss"] if train_rows else None,
         "val_loss_start": first and first["val_loss"], "val_loss": final and final["val_loss"],
         "val_bpb_start": first and first["val_bpb"], "val_bpb": final and final["val_bpb"],
@@ -354,28 +387,6 @@ def run(config: ModelConfig, args: TrainArgs) -> dict[str, Any]:
         "checkpoint": str(kept[-1]) if kept else None, "metrics": str(run_dir / "metrics.jsonl"),
         "plots": [str(p) for p in plots],
     }
-
-
-def _locate_run(config: ModelConfig, args: TrainArgs) -> tuple[Path, Path | None, bool]:
-    """(run folder, checkpoint to resume from, whether the run continues in its own folder)."""
-    if not args.resume:
-        run_dir = Path(args.out or f"runs/{config.name}")
-        check_run_dir(run_dir, args)
-        return run_dir, None, False
-    resume_from = checkpoint.resolve_checkpoint(args.resume)
-    home = resume_from.parent.parent if resume_from.parent.name == "checkpoints" else None
-    if args.out is None and home is None:
-        raise ValueError(f"checkpoint {resume_from} is not inside a run folder: pass --out for the new run")
-    run_dir = Path(args.out) if args.out else home
-    continuing = home is not None and run_dir.resolve() == home.resolve()
-    if continuing:
-        newer = [p.name for p in checkpoint.checkpoint_dirs(resume_from.parent) if p.name > resume_from.name]
-        if newer:
-            raise ValueError(f"{run_dir} has checkpoints newer than {resume_from.name} ({', '.join(newer)}): "
-                             f"resume from the run folder, or move them away first")
-    else:
-        check_run_dir(run_dir, dataclasses.replace(args, resume=None))
-    return run_dir, resume_from, continuing
 
 
 def _draw_plots(run_dir: Path) -> list[Path]:

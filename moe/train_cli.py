@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 
 from .config import load_config
@@ -31,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     train_args = TrainArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs)})
-    print_summary(run(config, train_args))
+    summary = run(config, train_args)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary rather than one per rank
+        print_summary(summary)
     return 0
 
 

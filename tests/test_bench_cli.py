@@ -113,6 +113,16 @@ def test_calibrate_table_names_its_assumptions_and_flags(capsys):
     assert re.search(r"MFU vs datasheet peak +n/a", out)
 
 
+def test_calibrate_refuses_a_layer_timed_faster_than_the_matmul_peak():
+    from moe.calibrate import check_plausible
+    from moe.cli import UserError
+
+    measured = [{"kind": "attention", "timed_tflops": 400.0}, {"kind": "moe", "timed_tflops": 1514.0}]
+    with pytest.raises(UserError, match="the moe layer ran at 1514 TFLOP/s, faster than the 789 TFLOP/s"):
+        check_plausible(measured, 789.0, "NVIDIA H100")
+    check_plausible(measured[:1], 789.0, "NVIDIA H100")  # slower than the peak: accepted
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bench", "train", "--config", "nope.yaml"], "not found"),
     (["bench", "train", "--config", TINY, "--batch-size", "0"], "--batch-size must be positive"),

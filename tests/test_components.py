@@ -64,6 +64,22 @@ def test_rank_moe_runs_every_assignment_through_its_local_experts(ep):
     torch.testing.assert_close(rank(x), layer(x), rtol=1e-6, atol=1e-6)
 
 
+def test_rank_moe_gives_grouped_mm_offsets_it_can_read_without_strides(monkeypatch):
+    # CUDA's grouped_mm (torch 2.11) reads offs from its data pointer with unit stride; a strided
+    # view offs[P-1::P] then groups the wrong rows and the layer silently does a fraction of the
+    # work (the first H100 calibration timed a MoE layer at 1,514 TFLOP/s that way).
+    import moe.experts
+
+    real = torch.nn.functional.grouped_mm
+
+    def reads_like_cuda(a, b, offs=None, **kwargs):
+        flat = torch.as_strided(offs, offs.shape, (1,))  # what a unit-stride read of data_ptr sees
+        return real(a, b, offs=flat, **kwargs)
+
+    monkeypatch.setattr(moe.experts.F, "grouped_mm", reads_like_cuda)
+    test_rank_moe_runs_every_assignment_through_its_local_experts(4)
+
+
 def test_rank_moe_counts_one_tokens_active_weights():
     rank = RankMoE(MOE, 16, 4, "meta")
     per_expert = 16 * 24 + 12 * 16

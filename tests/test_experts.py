@@ -53,11 +53,13 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("backend", ["eager", "torch", "triton"])
 def test_backend_matches_token_loop_in_output_and_every_gradient(case, backend):
+    # the kernels run compiled on a GPU machine, through the interpreter elsewhere (fp32 is IEEE on both)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    layer = MoE(MoEConfig(backend=backend, **case), hidden_size=37)
+    layer = MoE(MoEConfig(backend=backend, **case), hidden_size=37).to(device)
     if layer.router.expert_bias is not None:
         layer.router.expert_bias.normal_(std=0.1)
-    x = torch.randn(23, 37, requires_grad=True)
+    x = torch.randn(23, 37, device=device, requires_grad=True)
     y = layer(x)
     y_ref = reference_moe(layer, x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
@@ -162,9 +164,10 @@ def test_autocast_runs_the_grouped_gemm_in_the_autocast_dtype():
 
 
 def test_triton_layer_compiles_without_graph_breaks():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    layer = MoE(MoEConfig(num_experts=4, top_k=2, num_shared_experts=1, backend="triton"), 16)
-    x = torch.randn(7, 16, requires_grad=True)
+    layer = MoE(MoEConfig(num_experts=4, top_k=2, num_shared_experts=1, backend="triton"), 16).to(device)
+    x = torch.randn(7, 16, device=device, requires_grad=True)
     expected = layer(x)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     out = compiled(x)

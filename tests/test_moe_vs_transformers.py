@@ -58,3 +58,23 @@ def test_main_writes_a_bench_record(monkeypatch, capsys, tmp_path):
     assert [b["shape"]["model"] for b in result["results"]["blocks"]] == ["qwen3_moe", "deepseek_v3"]
     saved = tmp_path / result["environment"]["device_slug"] / "moe_vs_transformers-cpu.json"
     assert json.loads(saved.read_text()) == result
+
+
+def test_an_implementation_out_of_memory_is_recorded_and_the_others_still_run(monkeypatch, capsys):
+    timed = mvt._time
+
+    def batched_mm_runs_out(module, x, *args):
+        if getattr(getattr(module, "hf_config", None), "_experts_implementation", None) == "batched_mm":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 384.00 GiB.\nmore text")
+        return timed(module, x, *args)
+
+    monkeypatch.setattr(mvt, "_time", batched_mm_runs_out)
+    result = mvt.run(SHAPES[0], CPU, "fp32", warmup=0, repeats=1)
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert rows["transformers batched_mm"] == {"impl": "transformers batched_mm",
+                                               "error": "out of memory: CUDA out of memory. Tried to allocate 384.00 GiB."}
+    assert all("forward_backward" in r for name, r in rows.items() if name != "transformers batched_mm")
+    mvt._print({"environment": {"device": "cpu", "label": "cpu", "transformers": "x", "torch": "y"},
+                "settings": {"dtype": "fp32"}, "results": {"blocks": [result]}})
+    line = next(line for line in capsys.readouterr().out.splitlines() if "transformers batched_mm" in line)
+    assert line.split()[:5] == ["transformers", "batched_mm", "out", "of", "memory:"] and line.endswith("384.00 GiB.")

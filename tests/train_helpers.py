@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from moe import ModelConfig, MoEConfig
@@ -21,11 +22,21 @@ def micro_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
+WORDS = ("the a router sends each token to its top experts while a shared expert sees every token "
+         "and the loss adds a small balancing term so that no expert idles or overflows its capacity").split()
+
+
 def write_corpus(directory: Path, name: str = "corpus.txt") -> Path:
-    """About 100 KB of real text: this repository's own Python sources."""
-    text = b"".join(p.read_bytes() for p in sorted((REPO / "moe").glob("*.py")))
+    """100 KB of seeded pseudo-text (words, punctuation, line breaks): the same bytes on every
+    machine and at every commit, so that exact-loss tests do not move with unrelated edits."""
+    rng = random.Random(0)
+    lines, size = [], 0
+    while size < 100_000:
+        line = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))) + rng.choice(".,;:!?") + "\n"
+        lines.append(line)
+        size += len(line)
     path = directory / name
-    path.write_bytes(text[:100_000])
+    path.write_bytes("".join(lines).encode()[:100_000])
     return path
 
 

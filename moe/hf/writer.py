@@ -40,7 +40,7 @@ def write_checkpoint(directory: Path, config: dict, state: dict[str, torch.Tenso
             for name in names:
                 tensors[name] = _assemble(by_name[name], state, dtypes[name])
                 bar.update(sizes[name])
-            _atomic(directory / file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+            _atomic(directory / file, lambda tmp, shard=tensors: save_file(shard, tmp, metadata={"format": "pt"}))
             del tensors
     if len(files) > 1:
         weight_map = {name: file for file, names in zip(files, shards) for name in names}
