@@ -30,7 +30,7 @@ import triton.language as tl
 from .activations import gelu, gelu_backward, swiglu, swiglu_backward
 from .gemm_rows import dot_precision, mma_loop, row_index
 from .runtime import interpreting, require_runnable
-from .schedule import group_block, group_of_tile, max_row_tiles, swizzle
+from .schedule import group_block, max_row_tiles, row_tile
 from .tuning import get_config
 
 
@@ -69,14 +69,9 @@ def ffn_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    tile_m, tile_n = swizzle(tl.program_id(0), n_row_tiles, tl.cdiv(F, BLOCK_N), GROUP_M)
-    g, row_start, row_end = group_of_tile(offs_ptr, E, R, tile_m, BLOCK_M, BLOCK_G)
+    g, rows, row_mask, cols, col_mask = row_tile(offs_ptr, E, R, F, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M)
     if g > E:
         return
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < F
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)     # gate (swiglu) or z (gelu)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # up (swiglu only)
     if g < E:  # the tail (g == E) keeps zeros: act(0) = 0
@@ -113,14 +108,9 @@ def ffn_act_backward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    tile_m, tile_n = swizzle(tl.program_id(0), n_row_tiles, tl.cdiv(F, BLOCK_N), GROUP_M)
-    g, row_start, row_end = group_of_tile(offs_ptr, E, R, tile_m, BLOCK_M, BLOCK_G)
+    g, rows, row_mask, cols, col_mask = row_tile(offs_ptr, E, R, F, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M)
     if g > E:
         return
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < F
     dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if g < E:  # the tail keeps dh = 0, hence dz = 0
         dy_rows = row_index(row_slot_ptr, rows, row_mask)

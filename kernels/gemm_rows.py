@@ -3,7 +3,7 @@
 Shapes: M = rows (the permuted rows, sorted by group), K = in dim, N = out dim,
         G = groups, B [G, K, N] with any strides (so B^T is a free view).
 
-One program computes one BLOCK_M x BLOCK_N tile of C; `schedule.group_of_tile`
+One program computes one BLOCK_M x BLOCK_N tile of C; `schedule.row_tile`
 tells it which group and rows it owns. Rows of no group (the tail past offs[-1])
 are written as zeros, so every element of C that belongs to a row is defined.
 
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .runtime import interpreting, require_runnable
-from .schedule import group_block, group_of_tile, max_row_tiles, swizzle
+from .schedule import group_block, max_row_tiles, row_tile
 from .tuning import get_config
 
 
@@ -78,14 +78,9 @@ def grouped_rows_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    tile_m, tile_n = swizzle(tl.program_id(0), n_row_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
-    g, row_start, row_end = group_of_tile(offs_ptr, G, M, tile_m, BLOCK_M, BLOCK_G)
+    g, rows, row_mask, cols, col_mask = row_tile(offs_ptr, G, M, N, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M)
     if g > G:  # past the last tile of the grid's upper bound
         return
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if g < G:  # the tail (g == G) keeps acc = 0
         acc = mma_loop(acc, a_ptr + rows.to(tl.int64)[:, None] * stride_am, row_mask, stride_ak,

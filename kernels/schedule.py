@@ -128,3 +128,17 @@ def tile_map_reference(offs: list[int], num_rows: int, block_m: int) -> list[tup
         for row in range(start, end, block_m):
             tiles.append((g, row, end))
     return tiles
+
+
+@triton.jit
+def row_tile(offs_ptr, G, M, N, n_row_tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_G: tl.constexpr, GROUP_M: tl.constexpr):
+    """The prologue every row-tiled grouped kernel shares: this program's tile of an [M, N] output.
+
+    Returns (g, rows, row_mask, cols, col_mask); g as in `group_of_tile` (g > G: exit at once).
+    """
+    tile_m, tile_n = swizzle(tl.program_id(0), n_row_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
+    g, row_start, row_end = group_of_tile(offs_ptr, G, M, tile_m, BLOCK_M, BLOCK_G)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return g, rows, rows < row_end, cols, cols < N
