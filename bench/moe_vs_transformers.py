@@ -22,7 +22,6 @@ stops if one differs. Then forward and forward + backward are timed in the bench
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, replace
 
@@ -232,14 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks = [run(shape, device, dtype, args.warmup, args.repeats) for shape in PRESETS[args.preset]]
     result = benchmark.record("moe_vs_transformers", benchmark.environment(device), {"preset": args.preset},
                               {"dtype": dtype, "warmup": args.warmup, "repeats": args.repeats}, {"blocks": blocks})
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print(result)
-    if args.save:
-        path = benchmark.save(result, f"moe_vs_transformers-{args.preset}", args.results_dir)
-        if not args.json:
-            print(f"saved {path}")
+    benchmark.publish(result, f"moe_vs_transformers-{args.preset}", _print, args.json, args.save, args.results_dir)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
 import torch
 import torch.nn.functional as F
@@ -100,14 +99,7 @@ def main(args: argparse.Namespace) -> int:
                                        "datasheet": tflops / datasheet if datasheet else None}
     result = benchmark.record(args._bench_name, env, {"name": config.name, "path": str(args.config)},
                               {"dtype": dtype, "warmup": args.warmup, "repeats": args.repeats, **settings}, results)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print(result)
-    if args.save:
-        path = benchmark.save(result, f"{args._bench_name}-{config.name}", args.results_dir)
-        if not args.json:
-            print(f"saved {path}")
+    benchmark.publish(result, f"{args._bench_name}-{config.name}", _print, args.json, args.save, args.results_dir)
     return 0
 
 

@@ -264,6 +264,20 @@ def save(result: dict[str, Any], name: str, results_dir: str | Path | None = Non
     return path
 
 
+def publish(result: dict[str, Any], name: str, print_table: Callable[[dict[str, Any]], None], as_json: bool,
+            save_result: bool, results_dir: str | Path | None = None) -> None:
+    """What every bench command does with its record: print it (JSON, or the bench's own table)
+    and, when asked, save it as <name>.json, saying where unless the output is JSON."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+    if save_result:
+        path = save(result, name, results_dir)
+        if not as_json:
+            print(f"saved {path}")
+
+
 def format_tflops(value: float | None) -> str:
     if value is None:
         return "n/a"

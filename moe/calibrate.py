@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from dataclasses import asdict
 
 import torch
@@ -124,14 +123,8 @@ def main(args: argparse.Namespace) -> int:
          "datasheet_tflops": datasheet, "components": measured, "model_flops_per_token": model.train_flops_per_token,
          "projection": projection.to_dict(), "training_run": asdict(run), "comparison": comparison},
         cluster=asdict(cluster), assumptions=assumptions(cluster, scale, timed_seq, seq_len, on_gpu))
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print(result, config.name, args.config)
-    if args.save:
-        path = benchmark.save(result, f"calibrate-{config.name}", args.results_dir)
-        if not args.json:
-            print(f"\nsaved {path}")
+    benchmark.publish(result, f"calibrate-{config.name}", lambda r: _print(r, config.name, args.config),
+                      args.json, args.save, args.results_dir)
     return 0
 
 
