@@ -21,6 +21,13 @@ import numpy as np  # noqa: E402
 from .metrics import read_rows  # noqa: E402
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Write `fig` as a PNG and close it (pyplot keeps every open figure alive until then)."""
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def draw_run(run_dir: str | Path) -> list[Path]:
     """Draw the plots of the run in run_dir; returns the files written."""
     run_dir = Path(run_dir)
@@ -75,9 +82,7 @@ def plot_losses(rows: list[dict], path: Path) -> Path:
     ax_bal.set_title("expert balance")
     ax_bal.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_expert_load(rows: list[dict], path: Path, window: int = 10) -> Path:
@@ -104,6 +109,4 @@ def plot_expert_load(rows: list[dict], path: Path, window: int = 10) -> Path:
                         color="white" if share < 0.6 * vmax else "black")
     fig.colorbar(im, ax=axes[0].tolist(), label="share of assignments")
     fig.suptitle(f"expert load per MoE layer: share of the routed assignments (uniform = {1 / num_experts:.3f})")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -160,6 +160,8 @@ def verdict(numbers: dict[str, Any]) -> tuple[str, str]:
 def plot(numbers: dict[str, Any], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
+    from moe.plots import save_figure
+
     fair = numbers["top_k"] / numbers["num_experts"]
     fig, (ax, ax_u) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, m in numbers["methods"].items():
@@ -196,7 +198,4 @@ def plot(numbers: dict[str, Any], folder: Path) -> list[Path]:
     ax_u.grid(alpha=0.3)
     ax_u.legend(fontsize=8)
     fig.tight_layout()
-    path = folder / "balance.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, folder / "balance.png")]

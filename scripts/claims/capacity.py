@@ -106,6 +106,8 @@ def verdict(numbers: dict[str, Any]) -> tuple[str, str]:
 def plot(numbers: dict[str, Any], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
+    from moe.plots import save_figure
+
     settings = numbers["settings"]
     fig, axes = plt.subplots(1, len(settings), figsize=(4.6 * len(settings), 4.3), squeeze=False, sharey=True)
     for ax, entry in zip(axes[0], settings.values()):
@@ -120,7 +122,4 @@ def plot(numbers: dict[str, Any], folder: Path) -> list[Path]:
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("dropped assignments (%, mean over MoE layers)")
     fig.tight_layout()
-    path = folder / "capacity.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, folder / "capacity.png")]

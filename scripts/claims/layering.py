@@ -168,6 +168,8 @@ def verdict(numbers: dict[str, Any]) -> tuple[str, str]:
 def plot(numbers: dict[str, Any], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
+    from moe.plots import save_figure
+
     plans = numbers["plans"]
     fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(13, 4.8))
     names = list(plans)
@@ -177,7 +179,7 @@ def plot(numbers: dict[str, Any], folder: Path) -> list[Path]:
         ax_t.hlines(np.median(samples), i - 0.3, i + 0.3, color=f"C{i}", lw=2)
     ax_t.set_xticks(range(len(names)), [f"{n}\n{plans[n]['layers']}" for n in names], fontsize=8)
     ax_t.set_ylabel("training tokens/s (one point per round; bar = median)")
-    ax_t.set_title(f"throughput at matched active parameters\n(interleaved rounds; D = dense layer, M = MoE)")
+    ax_t.set_title("throughput at matched active parameters\n(interleaved rounds; D = dense layer, M = MoE)")
     ax_t.set_ylim(bottom=0)
     ax_t.grid(alpha=0.3, axis="y")
     for i, name in enumerate(names):
@@ -190,7 +192,4 @@ def plot(numbers: dict[str, Any], folder: Path) -> list[Path]:
     ax_l.grid(alpha=0.3)
     ax_l.legend(fontsize=8)
     fig.tight_layout()
-    path = folder / "layering.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, folder / "layering.png")]
