@@ -19,6 +19,7 @@ its pieces. The same list drives both directions, so they cannot drift apart.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -192,18 +193,22 @@ def refuse(family: str, problems: dict[str, bool]) -> None:
         raise ValueError(f"cannot export as {family}: the model has {'; '.join(bad)}")
 
 
-class Family:
-    """One Hugging Face model family: config translation both ways and tensor names."""
+class Family(ABC):
+    """One Hugging Face model family: config translation both ways and tensor names.
+
+    A family must translate configs both ways; tensor names and attention default to the
+    Llama-like layout and are overridden where a family differs."""
 
     model_type: str
     architecture: str
 
+    @abstractmethod
     def to_config(self, hf: dict, name: str) -> ModelConfig:
-        raise NotImplementedError
+        """Our ModelConfig from the family's config.json."""
 
+    @abstractmethod
     def to_hf(self, cfg: ModelConfig) -> dict:
         """The family's config.json for `cfg`; ValueError naming what the family cannot express."""
-        raise NotImplementedError
 
     def names(self, stacked: bool) -> Names:
         return Names(stacked=stacked)
