@@ -70,8 +70,8 @@ class RankMoE(MoE):
                 b.zero_()  # expert bias and load counters start at zero, as in MoE
 
     def run_experts(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
-        # [E/P] end rows of each local expert; a copy, not a strided view (see torch_grouped_mm)
-        local_offs = plan.offs[self.ep_degree - 1 :: self.ep_degree].contiguous()
+        # [E/P] end rows of each local expert: a strided view, which torch_grouped_mm makes contiguous
+        local_offs = plan.offs[self.ep_degree - 1 :: self.ep_degree]
         return unpermute(self.experts.ffn(permute(x_TD, plan), local_offs), plan)
 
     def active_params(self) -> int:
