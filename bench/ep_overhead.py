@@ -12,7 +12,8 @@ Every rank runs, forward + backward, with every rank busy at the same time:
   the local experts, all_to_all back, and the batch-wide statistics).
 overhead = ep / local - 1. A torch.profiler pass over the EP layer sums the time inside its
 labelled ranges (moe.ep.count_exchange, moe.ep.all_to_all forward and backward,
-moe.ep.batch_totals, moe.ep.loss_all_reduce) as a share of the profiled step.
+moe.scope.gather, the batch scope's one all-gather forward and its all-reduce backward) as a
+share of the profiled step.
 
 These are CPU figures: gloo over loopback TCP between processes that share a few cores. They
 show the machinery's fixed costs (one host sync per layer, four row exchanges per step);
@@ -39,10 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moe import MoE, MoEConfig  # noqa: E402
-from moe.benchmark import environment, measure, record, save  # noqa: E402
-from moe.parallel import make_context, shard_experts  # noqa: E402
+from moe.perf.results import environment, record, save
+from moe.perf.timing import measure  # noqa: E402
+from moe.distributed import make_context, shard_experts  # noqa: E402
 
-LABELS = ("moe.ep.count_exchange", "moe.ep.all_to_all", "moe.ep.batch_totals", "moe.ep.loss_all_reduce")
+LABELS = ("moe.ep.count_exchange", "moe.ep.all_to_all", "moe.scope.gather")
 
 
 def layer_config(experts: int, ffn: int) -> MoEConfig:

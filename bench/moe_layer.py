@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moe import MoE, MoEConfig  # noqa: E402
-from moe.benchmark import environment, measure, record, save  # noqa: E402
+from moe.perf.results import environment, record, save
+from moe.perf.timing import measure  # noqa: E402
 from moe.device import pick_device  # noqa: E402
 
 MODELS = {"ling-1t": 8192, "deepseek-v3": 7168}

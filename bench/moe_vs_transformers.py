@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from moe import MoE, MoEConfig, benchmark
+from moe import MoE, MoEConfig
+from moe.perf import results, timing
 from moe.device import pick_device
 
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
@@ -133,7 +134,7 @@ def with_backend(layer: MoE, backend: str) -> MoE:
 def check_shape(shape: Shape, device: torch.device) -> Shape:
     """`shape`, or the same layer with fewer experts when two fp32 copies would not fit in
     40% of the device's memory (the check then says how many experts it used)."""
-    capacity = benchmark.memory_capacity(device) or float("inf")
+    capacity = timing.memory_capacity(device) or float("inf")
     experts = shape.experts
     while 2 * 4 * 3 * shape.hidden * shape.ffn * experts > 0.4 * capacity and experts // 2 >= shape.n_group * 2:
         experts //= 2
@@ -174,8 +175,8 @@ def _time(module: nn.Module, x: torch.Tensor, device, warmup: int, repeats: int,
     grad_out = torch.randn_like(x)
     xg = x.detach().requires_grad_(True)
     with torch.no_grad():
-        forward = benchmark.measure(lambda: module(x), device, warmup, repeats)
-    backward = benchmark.measure(lambda: torch.autograd.grad(module(xg), [xg, *params], grad_out, allow_unused=True),
+        forward = timing.measure(lambda: module(x), device, warmup, repeats)
+    backward = timing.measure(lambda: torch.autograd.grad(module(xg), [xg, *params], grad_out, allow_unused=True),
                                  device, warmup, repeats)
     tokens = x.shape[0] * x.shape[1]
     return {"forward": {**forward.to_dict(), "tokens_per_s": tokens / forward.median_s,
@@ -198,10 +199,10 @@ def _timed_row(impl: str, module: nn.Module, x: torch.Tensor, device, warmup: in
 
 def run(shape: Shape, device: torch.device, dtype: str, warmup: int, repeats: int) -> dict:
     checked = check(shape, device)
-    x = torch.randn(1, shape.tokens, shape.hidden, device=device, dtype=benchmark.DTYPES[dtype])
+    x = torch.randn(1, shape.tokens, shape.hidden, device=device, dtype=timing.DTYPES[dtype])
     fwd_flops = _flops_per_token(shape)
     rows = []
-    hf = build_hf(shape, device, benchmark.DTYPES[dtype])
+    hf = build_hf(shape, device, timing.DTYPES[dtype])
     for impl in tqdm(HF_IMPLS, desc=f"{shape.model} transformers", disable=None):
         hf.hf_config._experts_implementation = impl
         rows.append(_timed_row(f"transformers {impl}", hf, x, device, warmup, repeats, fwd_flops))
@@ -224,14 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
     device = pick_device(args.device)
-    dtype = benchmark.pick_dtype(args.dtype, device)
+    dtype = timing.pick_dtype(args.dtype, device)
     if args.warmup is None:
-        args.warmup = benchmark.default_warmup(device)
+        args.warmup = timing.default_warmup(device)
     torch.manual_seed(0)
     blocks = [run(shape, device, dtype, args.warmup, args.repeats) for shape in PRESETS[args.preset]]
-    result = benchmark.record("moe_vs_transformers", benchmark.environment(device), {"preset": args.preset},
+    result = results.record("moe_vs_transformers", results.environment(device), {"preset": args.preset},
                               {"dtype": dtype, "warmup": args.warmup, "repeats": args.repeats}, {"blocks": blocks})
-    benchmark.publish(result, f"moe_vs_transformers-{args.preset}", _print, args.json, args.save, args.results_dir)
+    results.publish(result, f"moe_vs_transformers-{args.preset}", _print, args.json, args.save, args.results_dir)
     return 0
 
 

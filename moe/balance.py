@@ -21,6 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .config import MoEConfig
+from .router import Routing
+
 
 def expert_counts(idx_NA: Tensor, num_experts: int) -> Tensor:
     """Per row of expert ids [N, A], how many point at each expert: [N, E] float."""
@@ -38,15 +41,65 @@ def switch_aux_loss(probs_TE: Tensor, topk_idx_TK: Tensor) -> Tensor:
 
 def seq_aux_loss(probs_BSE: Tensor, topk_idx_BSK: Tensor) -> Tensor:
     """The Switch loss computed within each sequence, then averaged over sequences."""
+    return probs_BSE.shape[-1] * sequence_fp(probs_BSE, topk_idx_BSK).mean()
+
+
+def sequence_fp(probs_BSE: Tensor, topk_idx_BSK: Tensor) -> Tensor:
+    """sum_i f_i P_i within each sequence: [B] (the sequence-wise loss is E times their mean)."""
     B, S, E = probs_BSE.shape
     f_BE = expert_counts(topk_idx_BSK.reshape(B, -1), E) / topk_idx_BSK[0].numel()
     p_BE = probs_BSE.mean(dim=1)
-    return E * (f_BE * p_BE).sum(dim=-1).mean()
+    return (f_BE * p_BE).sum(dim=-1)
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:
     """Penalises large router logits, which make the softmax brittle in low precision."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    return router_z_losses(logits_TE).mean()
+
+
+def router_z_losses(logits_TE: Tensor) -> Tensor:
+    """The z-loss of each token: [T]."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square()
+
+
+# --------------------------------------------------------------------------- over a batch scope
+#
+# The layer computes the losses of the whole batch (moe/scope.py) from sums that processes can
+# add up: each loss above is a mean, so it is a sum over tokens (or sequences) divided by their
+# count. The functions above stay as the definitions; tests hold the two forms together.
+
+
+def partial_sums(route: Routing, num_sequences: int | None, config: MoEConfig) -> dict[str, Tensor]:
+    """This process's differentiable sums for the enabled losses: "probs" [E] (the Switch form,
+    also the sequence-wise loss when the input is one sequence: num_sequences None), "seq" [1]
+    (sum_i f_i P_i summed over sequences), "z" [1] (summed over tokens)."""
+    sums = {}
+    if config.aux_loss_coef or (config.seq_aux_loss_coef and num_sequences is None):
+        sums["probs"] = route.probs.sum(dim=0)
+    if config.seq_aux_loss_coef and num_sequences is not None:
+        B, E, K = num_sequences, route.probs.shape[-1], route.topk_idx.shape[-1]
+        sums["seq"] = sequence_fp(route.probs.view(B, -1, E), route.topk_idx.view(B, -1, K)).sum().reshape(1)
+    if config.z_loss_coef:
+        sums["z"] = router_z_losses(route.logits).sum().reshape(1)
+    return sums
+
+
+def losses_from_sums(sums: dict[str, Tensor], load_E: Tensor, tokens: Tensor, sequences: Tensor, top_k: int,
+                     config: MoEConfig) -> dict[str, Tensor]:
+    """The enabled losses of the batch, unweighted, from its summed partials."""
+    losses = {}
+    if "probs" in sums:
+        f_E = load_E.to(tokens.dtype) / (tokens * top_k)
+        switch = load_E.numel() * (f_E * (sums["probs"] / tokens)).sum()
+        if config.aux_loss_coef:
+            losses["switch_aux"] = switch
+        if config.seq_aux_loss_coef and "seq" not in sums:
+            losses["seq_aux"] = switch
+    if "seq" in sums:
+        losses["seq_aux"] = load_E.numel() * (sums["seq"][0] / sequences)
+    if "z" in sums:
+        losses["z_loss"] = sums["z"][0] / tokens
+    return losses
 
 
 @torch.no_grad()

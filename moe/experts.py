@@ -9,12 +9,15 @@ Weights are stacked in the [E, in, out] layout grouped GEMMs take directly:
     w_out [E, F, D]
 
 Backends (MoEConfig.backend), all computing the same function:
-- "eager":  a Python loop of plain matmuls over experts, the readable reference. It reads
-            the offsets on the host (one sync per layer, by design).
+- "eager":  a Python loop of plain matmuls over experts, the readable reference
+            (kernels.grouped_mm_reference, the one eager twin of every grouped GEMM). It
+            reads the offsets on the host (one sync per layer, by design).
 - "torch":  torch.nn.functional.grouped_mm, one kernel per GEMM, no host sync.
 - "triton": kernels.expert_ffn, gather fused into the first GEMM's loads and scatter into
-            the second GEMM's stores. Falls back to "torch" (one warning) where Triton
-            cannot run: no triton, or CPU tensors without TRITON_INTERPRET=1.
+            the second GEMM's stores (`fused`, which the local dispatcher calls). Falls back
+            to "torch" (one warning) where Triton cannot run: no triton, or CPU tensors
+            without TRITON_INTERPRET=1. Behind another dispatcher the rows arrive already
+            moved, and "triton" computes them with torch's grouped_mm.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .dispatch import DispatchPlan, permute, unpermute
+from .dispatch import DispatchPlan
 
 # torch.nn.functional.grouped_mm takes these on CPU; on CUDA (torch 2.8-2.11) bf16 only.
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -44,22 +47,13 @@ class Experts(nn.Module):
         nn.init.normal_(self.w_in, std=0.02)
         nn.init.normal_(self.w_out, std=0.02)
 
-    def forward(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
-        """Token rows in, per-slot expert outputs out: [T, D] -> [A, D] (dropped slots zero)."""
-        if self.backend == "triton":
-            kernels = _triton_kernels(x_TD)
-            if kernels is not None:
-                return kernels.expert_ffn(x_TD, self.w_in, self.w_out, plan.offs, plan.row_token,
-                                          plan.row_slot, plan.row_slot.numel(), self.activation)
-        return unpermute(self.ffn(permute(x_TD, plan), plan.offs), plan)
-
-    def ffn(self, x_RD: Tensor, offs: Tensor, weight_grad_scale: float = 1.0) -> Tensor:
+    def forward(self, x_RD: Tensor, offs: Tensor, weight_grad_scale: float = 1.0) -> Tensor:
         """Expert FFN on rows already grouped by expert: [R, D] -> [R, D].
 
         Rows past offs[-1] belong to no expert and come out unspecified; callers mask them.
-        This is the entry point an expert-parallel dispatcher uses after its all-to-all; it
-        passes weight_grad_scale = 1 / (EP ranks), so that the weight gradients, which sum
-        the losses of every rank in the group, come out as their mean (see moe/parallel).
+        weight_grad_scale: the expert-parallel dispatcher passes 1 / (EP ranks), so that the
+        weight gradients, which sum the losses of every rank in the group, come out as their
+        mean (see moe/distributed/all_to_all.py).
         """
         w_in, w_out = self.w_in, self.w_out
         if weight_grad_scale != 1.0:
@@ -67,6 +61,17 @@ class Experts(nn.Module):
         mm = eager_grouped_mm if self.backend == "eager" else torch_grouped_mm
         h_RF = activate(mm(x_RD, w_in, offs), self.activation)
         return mm(h_RF, w_out, offs)
+
+    def fused(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor | None:
+        """Token rows in, per-slot outputs out, [T, D] -> [A, D], with the gather and scatter
+        inside the GEMMs; None where this backend has no fused path (or Triton cannot run)."""
+        if self.backend != "triton":
+            return None
+        kernels = _triton_kernels(x_TD)
+        if kernels is None:
+            return None
+        return kernels.expert_ffn(x_TD, self.w_in, self.w_out, plan.offs, plan.row_token,
+                                  plan.row_slot, plan.row_slot.numel(), self.activation)
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
@@ -77,12 +82,13 @@ def activate(h: Tensor, activation: str) -> Tensor:
 
 
 def eager_grouped_mm(a_RK: Tensor, b_EKN: Tensor, offs: Tensor) -> Tensor:
-    """The reference: one matmul per expert over its rows; rows past offs[-1] are zeros."""
-    ends = offs.tolist()  # host sync: the loop needs Python ints
-    starts = [0] + ends[:-1]
-    pieces = [a_RK[s:e] @ b_EKN[g] for g, (s, e) in enumerate(zip(starts, ends))]
-    pieces.append(a_RK.new_zeros(a_RK.shape[0] - ends[-1], b_EKN.shape[-1]))
-    return torch.cat(pieces)
+    """The reference: one matmul per expert over its rows; rows past offs[-1] are zeros.
+
+    kernels.reference holds the loop (the kernels' tests hold their Triton code to it); it is
+    imported on first use because importing the kernels package imports triton (~0.2 s)."""
+    from kernels.reference import grouped_mm_reference
+
+    return grouped_mm_reference(a_RK, b_EKN, offs)
 
 
 def torch_grouped_mm(a_RK: Tensor, b_EKN: Tensor, offs: Tensor) -> Tensor:

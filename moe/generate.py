@@ -1,4 +1,4 @@
-"""`moe generate --ckpt DIR --prompt TEXT`: sampling with the KV cache.
+"""Sampling with the KV cache (the command line is `moe generate`, moe/cli/generate.py).
 
 Legend: B = batch, P = prompt tokens, N = new tokens, V = vocab size.
 
@@ -12,13 +12,9 @@ bytes and the output is decoded with errors="replace".
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
-from . import checkpoint
 from .model import Transformer
 
 
@@ -69,38 +65,6 @@ def generate(model: Transformer, prompt_BP: Tensor, max_new_tokens: int, tempera
         empty = ids_BS.new_zeros((ids_BS.shape[0], 0, vocab), dtype=torch.float32)
         return ids_BS, torch.stack(seen, dim=1) if seen else empty
     return ids_BS
-
-
-def load_for_generation(path: str | Path, device: str | torch.device | None = None) -> Transformer:
-    """A model from a run folder (its latest checkpoint), a checkpoint or a save_pretrained folder."""
-    path = Path(path)
-    if not (path / checkpoint.CONFIG_FILE).is_file():
-        path = checkpoint.resolve_checkpoint(path)
-    return checkpoint.load_pretrained(path, device=device)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="run folder, checkpoint folder or save_pretrained folder")
-    parser.add_argument("--prompt", required=True, help="text to continue (encoded as UTF-8 bytes)")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    model = load_for_generation(args.ckpt, device=args.device)
-    prompt = torch.tensor([list(args.prompt.encode("utf-8"))], dtype=torch.long)
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, generator)
-    print(decode(ids[0].tolist()))
-    return 0
 
 
 def decode(ids: list[int]) -> str:

@@ -14,21 +14,18 @@ other shape is one sequence of all its tokens.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
 from . import balance
 from .capacity import expert_capacity
 from .config import MoEConfig
-from .dispatch import DispatchPlan, combine, expert_load, plan_dispatch
+from .dispatch import combine, plan_dispatch
+from .dispatcher import Dispatcher, LocalDispatcher
 from .experts import Experts
 from .mlp import MLP
-from .router import Router, Routing
-
-if TYPE_CHECKING:
-    from .parallel.expert_parallel import BatchTotals
+from .router import Router
+from .scope import BatchScope, BatchTotals, batch_totals
 
 
 class MoE(nn.Module):
@@ -40,56 +37,46 @@ class MoE(nn.Module):
         self.experts = Experts(config, hidden_size)
         self.shared_experts = (MLP(hidden_size, config.shared_size(hidden_size), config.activation)
                                if config.num_shared_experts else None)
+        # The two seams distribution swaps from outside (moe.distributed.shard_experts): where
+        # the experts are (the dispatcher) and which tokens make up the batch (the scope).
+        self.dispatcher: Dispatcher = LocalDispatcher()
+        self.scope = BatchScope()
         # Assignments per expert since the last bias update (summed over micro-batches).
         self.register_buffer("load_since_update", torch.zeros(config.num_experts), persistent=False)
         self.aux_loss: Tensor = torch.zeros(())
         self._stats: dict[str, Tensor] = {}
-        # Set by moe.parallel.shard_experts when several processes share the batch: an
-        # ExpertParallel that runs the experts through an all-to-all and computes capacity,
-        # losses and statistics over every rank's tokens. None: this process's batch is the batch.
-        self.ep = None
 
     def forward(self, x: Tensor) -> Tensor:
+        """x [..., D] -> [..., D]; sets `aux_loss` and `stats` for this call's batch."""
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"MoE expects inputs [..., {self.hidden_size}], got {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.hidden_size)
         route = self.router(x_TD)
-        if self.ep is None:
-            load_E = expert_load(route.topk_idx, self.config.num_experts)
-            plan = plan_dispatch(route.topk_idx, load_E, expert_capacity(load_E, x_TD.shape[0], self.config))
-            totals = None
-        else:
-            plan, totals = self.ep.plan_dispatch(route.topk_idx, x.shape, self.config)
-        y_AD = self.run_experts(x_TD, plan)
+        batch = batch_totals(route, x.shape[0] if x.dim() == 3 else None, self.config, self.scope)
+        capacity_E = expert_capacity(batch.load_E, batch.num_tokens, self.config)
+        plan = plan_dispatch(route.topk_idx, batch.local_load_E, capacity_E, batch.ahead_KE)
+        y_AD = self.dispatcher(x_TD, plan, self.experts)
         out_TD = combine(y_AD, route.topk_weight.to(y_AD.dtype), plan)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
-        self._record(route, plan, x.shape, totals)
+        self._record(batch, capacity_E)
         return out_TD.view(x.shape)
 
-    def run_experts(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
-        """[T, D] -> [A, D]; the seam where expert parallelism swaps in an all-to-all."""
-        if self.ep is not None:
-            return self.ep.run_experts(self.experts, x_TD, plan)
-        return self.experts(x_TD, plan)
-
-    def _record(self, route: Routing, plan: DispatchPlan, shape: torch.Size,
-                totals: BatchTotals | None = None) -> None:
+    def _record(self, batch: BatchTotals, capacity_E: Tensor | None) -> None:
         cfg = self.config
-        if totals is None:
-            losses = balance_losses(route, shape, cfg)
-            load_E, num_slots, drop_rate = plan.load, plan.kept.numel(), 1.0 - plan.kept.float().mean()
-        else:  # every rank's batch: moe/parallel/expert_parallel.py
-            losses = self.ep.balance_losses(route, shape, totals, cfg)
-            load_E, num_slots, drop_rate = totals.load_E, totals.slots, 1.0 - totals.kept / totals.slots
         coef = {"switch_aux": cfg.aux_loss_coef, "seq_aux": cfg.seq_aux_loss_coef, "z_loss": cfg.z_loss_coef}
-        self.aux_loss = sum((coef[k] * v for k, v in losses.items()), torch.zeros((), device=plan.offs.device))
+        self.aux_loss = sum((coef[k] * v for k, v in batch.losses.items()), torch.zeros((), device=batch.tokens.device))
+        load_E = batch.load_E
         if self.training and self.router.expert_bias is not None:
             self.load_since_update += load_E
+        # A slot keeps its place when its queue position is below its expert's capacity, and the
+        # positions of expert e run 0 .. load_e - 1: min(load, capacity) assignments survive.
+        slots = batch.tokens.detach() * cfg.top_k
+        kept = slots if capacity_E is None else torch.minimum(load_E, capacity_E).sum()
         self._stats = {
-            "load": load_E.float() / num_slots,
-            "drop_rate": drop_rate,
-            **{k: v.detach() for k, v in losses.items()},
+            "load": load_E.float() / slots,
+            "drop_rate": 1.0 - kept / slots,
+            **{k: v.detach() for k, v in batch.losses.items()},
         }
 
     @property
@@ -102,26 +89,13 @@ class MoE(nn.Module):
     def update_expert_bias(self) -> None:
         """Aux-loss-free balancing step; call after each optimizer step.
 
-        Under moe.parallel, load_since_update holds the load of every rank's tokens (summed
-        in `_record`), so every rank takes the same step and the biases stay identical."""
+        load_since_update holds the load of the whole batch (under moe.distributed, of every
+        rank's tokens), so every rank takes the same step and the biases stay identical."""
         if self.router.expert_bias is None:
             return
         step = balance.bias_update(self.load_since_update, self.config.bias_update_rate, self.config.bias_update)
         self.router.expert_bias += step
         self.load_since_update.zero_()
-
-
-def balance_losses(route: Routing, shape: torch.Size, cfg: MoEConfig) -> dict[str, Tensor]:
-    """The enabled balancing losses of one batch, unweighted."""
-    losses = {}
-    if cfg.aux_loss_coef:
-        losses["switch_aux"] = balance.switch_aux_loss(route.probs, route.topk_idx)
-    if cfg.seq_aux_loss_coef:
-        B, S = (shape[0], shape[1]) if len(shape) == 3 else (1, route.probs.shape[0])
-        losses["seq_aux"] = balance.seq_aux_loss(route.probs.view(B, S, -1), route.topk_idx.view(B, S, -1))
-    if cfg.z_loss_coef:
-        losses["z_loss"] = balance.router_z_loss(route.logits)
-    return losses
 
 
 def update_expert_biases(model: nn.Module) -> None:

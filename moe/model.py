@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -109,31 +110,33 @@ class Transformer(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))
 
-    # Checkpoints: the formats live in their own modules; these are the public entry points.
+    # Checkpoints. The file layouts live in moe.io, which stands above this module and registers
+    # them in CHECKPOINT_FORMATS when `import moe` loads it: the model does not import its readers.
 
     def save_pretrained(self, directory: str | Path, format: str = "moe") -> None:
         """Write config.json + safetensors: our layout ("moe") or Hugging Face's ("hf")."""
-        if format == "hf":
-            from .hf import save_hf
-
-            save_hf(self, directory)
-        elif format == "moe":
-            from .checkpoint import save_pretrained
-
-            save_pretrained(self, directory)
-        else:
-            raise ValueError(f"unknown checkpoint format {format!r} (expected 'moe' or 'hf')")
+        checkpoint_format(format).save(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **kwargs) -> "Transformer":
-        """Load a folder written by `save_pretrained`."""
-        from .checkpoint import load_pretrained
-
-        return load_pretrained(directory, **kwargs)
+    def from_pretrained(cls, directory: str | Path, **kwargs) -> Transformer:
+        """Load a folder written by `save_pretrained` (or a training checkpoint)."""
+        return checkpoint_format("moe").load(directory, **kwargs)
 
     @classmethod
-    def from_hf(cls, directory: str | Path, **kwargs) -> "Transformer":
+    def from_hf(cls, directory: str | Path, **kwargs) -> Transformer:
         """Load a Hugging Face model folder (Mixtral, Qwen3-MoE, DeepSeek-V3, Ling 2.0)."""
-        from .hf import load_hf
+        return checkpoint_format("hf").load(directory, **kwargs)
 
-        return load_hf(directory, **kwargs)
+
+class CheckpointFormat(NamedTuple):
+    save: Callable[[Transformer, str | Path], None]
+    load: Callable[..., Transformer]
+
+
+CHECKPOINT_FORMATS: dict[str, CheckpointFormat] = {}  # filled by moe.io: "moe" and "hf"
+
+
+def checkpoint_format(name: str) -> CheckpointFormat:
+    if name not in CHECKPOINT_FORMATS:
+        raise ValueError(f"unknown checkpoint format {name!r} (expected one of {', '.join(CHECKPOINT_FORMATS)})")
+    return CHECKPOINT_FORMATS[name]

@@ -53,8 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def measure(args: argparse.Namespace, command: str) -> dict:
-    from moe.benchmark import environment
-    from moe.train import pick_device
+    from moe.perf.results import environment
+    from moe.device import pick_device
 
     start = time.perf_counter()
     setup = Setup(runs_dir=args.runs_dir, quick=args.quick, device=args.device, seeds=args.seeds)

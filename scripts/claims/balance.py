@@ -160,7 +160,7 @@ def verdict(numbers: dict[str, Any]) -> tuple[str, str]:
 def plot(numbers: dict[str, Any], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    from moe.plots import save_figure
+    from moe.train.plots import save_figure
 
     fair = numbers["top_k"] / numbers["num_experts"]
     fig, (ax, ax_u) = plt.subplots(1, 2, figsize=(13, 4.8))

@@ -106,7 +106,7 @@ def verdict(numbers: dict[str, Any]) -> tuple[str, str]:
 def plot(numbers: dict[str, Any], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    from moe.plots import save_figure
+    from moe.train.plots import save_figure
 
     settings = numbers["settings"]
     fig, axes = plt.subplots(1, len(settings), figsize=(4.6 * len(settings), 4.3), squeeze=False, sharey=True)

@@ -18,9 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from moe import ModelConfig
-from moe.data import load_corpus
-from moe.metrics import read_rows
-from moe.train import TrainArgs, run
+from moe.train.data import load_corpus
+from moe.train.metrics import read_rows
+from moe.train.trainer import TrainArgs, run
 
 REPO = Path(__file__).resolve().parents[2]
 VERDICTS = ("reproduced", "not reproduced", "not measurable at this scale")

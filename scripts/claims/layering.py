@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 
 from moe import ModelConfig, load_config
-from moe.benchmark import synchronize
-from moe.data import BatchSampler, TokenView, load_corpus, split_ranges
-from moe.flops import count
+from moe.perf.timing import synchronize
+from moe.train.data import BatchSampler, TokenView, load_corpus, split_ranges
+from moe.perf.flops import count
 from moe.model import layer_plan
-from moe.train import TrainArgs, build_model, build_optimizer, pick_device, train_step
+from moe.device import pick_device
+from moe.train.trainer import TrainArgs, build_model, build_optimizer, train_step
 
 from .common import REPO, Setup, eval_curve, quantiles, replace_moe, train
 
@@ -168,7 +169,7 @@ def verdict(numbers: dict[str, Any]) -> tuple[str, str]:
 def plot(numbers: dict[str, Any], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    from moe.plots import save_figure
+    from moe.train.plots import save_figure
 
     plans = numbers["plans"]
     fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(13, 4.8))

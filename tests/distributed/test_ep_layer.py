@@ -13,7 +13,7 @@ import torch.distributed as dist
 from launch import spawn
 
 from moe import MoE, MoEConfig
-from moe.parallel import make_context, shard_experts
+from moe.distributed import make_context, shard_experts
 
 D = 16
 

@@ -11,7 +11,7 @@ import torch
 from launch import RankFailed, spawn
 
 from moe import MoE, MoEConfig
-from moe.parallel import make_context, shard_experts
+from moe.distributed import make_context, shard_experts
 
 
 def ep_layer(world: int) -> MoE:

@@ -16,11 +16,11 @@ import yaml
 from train_helpers import REPO, fast_args, micro_config, write_corpus
 
 from moe import Transformer
-from moe import checkpoint as ckpt
-from moe import train as train_mod
+from moe.io import checkpoint as ckpt
+from moe.train import trainer as train_mod
 from moe.cli import main
-from moe.data import BatchSampler
-from moe.metrics import read_rows
+from moe.train.data import BatchSampler
+from moe.train.metrics import read_rows
 
 WORLD, EP, BATCH = 4, 2, 2
 COMMON = dict(steps=6, save_every=3, eval_every=3, log_every=1, eval_batches=2, grad_clip=0.5, lr=1e-2,

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from launch import spawn
 
 from moe import ModelConfig, MoEConfig, Transformer
-from moe.parallel import apply_fsdp, clip_grad_norm_, expert_rows, make_context, shard_experts
-from moe.parallel.checkpoint import load_sharded, read_full_model, save_sharded
+from moe.distributed import apply_fsdp, clip_grad_norm_, expert_rows, make_context, shard_experts
+from moe.distributed.checkpoint import load_sharded, save_sharded
+from moe.io.sharded import read_full_model
 
 CONFIG = ModelConfig(name="odd", vocab_size=37, hidden_size=20, num_layers=2, num_heads=2, num_kv_heads=1,
                      intermediate_size=27, max_seq_len=8, first_k_dense=1,

@@ -1,0 +1,265 @@
+"""Checkpoints, safetensors only: nothing is ever unpickled.
+
+Pretrained folder (`save_pretrained` / `load_pretrained`):
+    config.json                    the ModelConfig
+    model.safetensors              weights and persistent buffers (the routers' expert_bias)
+    or model-0000i-of-0000n.safetensors + model.safetensors.index.json above max_shard_bytes
+                                   (the Hugging Face sharded layout: {"weight_map": {name: file}})
+
+Training checkpoint (`save_checkpoint` / `load_checkpoint`), one folder per step:
+    checkpoints/step_00000040/
+        config.json, model.safetensors   a pretrained folder: from_pretrained and generate read it
+        optimizer.safetensors            "{param name}.{state key}" -> tensor (AdamW: step,
+                                         exp_avg, exp_avg_sq), so no pickled state dict
+        trainer.json                     step, RNG states, data position, run arguments, and the
+                                         sha256 of every other file (to catch torn or corrupt files)
+
+Every file is written to a temporary name, fsynced and renamed; a training checkpoint is
+built in `step_X.tmp` and renamed to `step_X` only when complete, and older checkpoints are
+pruned only after that. A run killed mid-save leaves the previous checkpoint intact.
+
+Under torchrun each rank writes its own slices instead (moe/parallel/checkpoint.py); trainer.json
+then records the layout under "parallel", and load_pretrained assembles the full weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+from ..config import config_from_dict
+from ..model import Transformer
+from .files import checked_bytes, fsync_dir, read_json, read_safetensors, sha256, write_atomic
+from .sharded import read_full_model
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINER_FILE = "trainer.json"
+MAX_SHARD_BYTES = 2 * 1024**3
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+# --------------------------------------------------------------------------- model weights
+
+
+def model_state(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters and persistent buffers by name, a tensor tied to an earlier one left out
+    (safetensors refuses shared storage; loading the first name restores both)."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            state[name] = tensor.detach().contiguous()
+    return state
+
+
+def load_model_state(model: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
+    """Copy tensors into model, naming the first missing, extra or mis-shaped tensor."""
+    expected = model_state(model)
+    for name, tensor in expected.items():
+        if name not in tensors:
+            raise ValueError(f"{source} has no tensor '{name}': it was saved from another config")
+        if tuple(tensors[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)} but the "
+                             f"model built from the config expects {tuple(tensor.shape)}: it was saved "
+                             f"from another config")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise ValueError(f"{source} has tensor '{extra[0]}' that the model does not: it was saved "
+                         f"from another config")
+    model.load_state_dict(tensors, strict=False)  # strict=False only for the tied names left out
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """config.json + model.safetensors (sharded above max_shard_bytes) in `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.cpu() for k, v in model_state(model).items()}
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    stale = set(directory.glob("model-*-of-*.safetensors")) | {directory / INDEX_FILE, directory / MODEL_FILE}
+    if len(shards) == 1:
+        written = [directory / MODEL_FILE]
+        write_atomic(written[0], st_save(state, metadata={"format": "pt"}))
+    else:
+        written, weight_map = [], {}
+        for i, shard in enumerate(shards, 1):
+            written.append(directory / f"model-{i:05d}-of-{len(shards):05d}.safetensors")
+            write_atomic(written[-1], st_save(shard, metadata={"format": "pt"}))
+            weight_map.update({name: written[-1].name for name in shard})
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": weight_map}
+        written.append(directory / INDEX_FILE)
+        write_atomic(written[-1], json.dumps(index, indent=2).encode())
+    write_atomic(directory / CONFIG_FILE, json.dumps(model.config.to_dict(), indent=2).encode())
+    for path in stale - set(written):
+        path.unlink(missing_ok=True)
+
+
+def read_model_tensors(directory: Path) -> dict[str, Tensor]:
+    """The weights of a pretrained folder, single file or sharded (checksummed in a training checkpoint)."""
+    if (directory / TRAINER_FILE).is_file():
+        state = read_json(directory / TRAINER_FILE)
+        if "parallel" in state:  # written by several ranks under torchrun
+            return read_full_model(directory)
+        data = checked_bytes(directory, MODEL_FILE, state)
+        return read_safetensors(directory / MODEL_FILE, data)
+    if (directory / INDEX_FILE).is_file():
+        weight_map = read_json(directory / INDEX_FILE).get("weight_map", {})
+        tensors = {}
+        for file in sorted(set(weight_map.values())):
+            tensors.update(read_safetensors(directory / file))
+        return tensors
+    return read_safetensors(directory / MODEL_FILE)
+
+
+def load_pretrained(directory: str | Path, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None):
+    """The Transformer saved in `directory` by save_pretrained (or a training checkpoint)."""
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}: not a saved model folder")
+    model = Transformer(config_from_dict(read_json(directory / CONFIG_FILE)))
+    load_model_state(model, read_model_tensors(directory), str(directory))
+    return model.to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """The optimizer's per-parameter state as "{param name}.{state key}" -> tensor."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            out[f"{names[id(param)]}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return out
+
+
+def load_optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer,
+                           tensors: dict[str, Tensor], source: str) -> None:
+    """Inverse of optimizer_tensors; hyperparameters stay those the optimizer was built with."""
+    state_dict = optimizer.state_dict()
+    params = dict(model.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    index_of = {}  # state_dict() numbers parameters across groups; map names to those numbers
+    for group_sd, group in zip(state_dict["param_groups"], optimizer.param_groups):
+        index_of.update({names[id(p)]: i for i, p in zip(group_sd["params"], group["params"])})
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, state_key = key.rpartition(".")
+        if name not in params:
+            raise ValueError(f"{source} holds optimizer state for '{name}', which the model does not have")
+        if tensor.dim() and tuple(tensor.shape) != tuple(params[name].shape):
+            raise ValueError(f"{source}: optimizer tensor '{key}' has shape {tuple(tensor.shape)} but "
+                             f"parameter '{name}' has {tuple(params[name].shape)}")
+        state.setdefault(index_of[name], {})[state_key] = tensor
+    state_dict["state"] = state
+    optimizer.load_state_dict(state_dict)
+
+
+# --------------------------------------------------------------------------- training checkpoints
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under root (a temporary folder never matches), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from itself, a run folder or a run's checkpoints/ folder (latest)."""
+    path = Path(path)
+    if (path / TRAINER_FILE).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = checkpoint_dirs(root)
+        if found:
+            return found[-1]
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    raise FileNotFoundError(f"no checkpoint in {path} (expected {TRAINER_FILE} or checkpoints/step_*/)")
+
+
+def checkpoint_folders(root: Path, step: int) -> tuple[Path, Path]:
+    """(temporary folder, final folder) of the checkpoint of `step` under root."""
+    final = root / f"step_{step:08d}"
+    return root / f"{final.name}.tmp", final
+
+
+def begin_checkpoint(tmp: Path) -> None:
+    """Create the temporary folder for a checkpoint's files, clearing what killed saves left.
+    One process calls it, before any file is written."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in tmp.parent.glob("step_*.tmp"):
+        shutil.rmtree(leftover)
+    tmp.mkdir()
+
+
+def commit_checkpoint(tmp: Path, final: Path, model: nn.Module, trainer_state: dict[str, Any],
+                      sha: dict[str, str], keep_last: int) -> Path:
+    """Write config.json and trainer.json (with the sha256 of every file) into tmp, rename it to
+    final (the commit point: before it the folder is step_X.tmp, after it step_X), then prune
+    all but the newest keep_last checkpoints. Called once, after every file of tmp is written."""
+    config = json.dumps(model.config.to_dict(), indent=2).encode()
+    write_atomic(tmp / CONFIG_FILE, config)
+    state = {**trainer_state, "sha256": {**sha, CONFIG_FILE: sha256(config)}}
+    write_atomic(tmp / TRAINER_FILE, json.dumps(state, indent=2).encode())
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    for old in checkpoint_dirs(final.parent)[:-keep_last]:
+        if old != final:
+            shutil.rmtree(old)
+    return final
+
+
+def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], keep_last: int = 3) -> Path:
+    """Write checkpoint `root/step_{step}` atomically, then keep only the newest keep_last."""
+    tmp, final = checkpoint_folders(Path(root), step)
+    begin_checkpoint(tmp)
+    files = {
+        MODEL_FILE: st_save({k: v.cpu() for k, v in model_state(model).items()}, metadata={"format": "pt"}),
+        OPTIMIZER_FILE: st_save(optimizer_tensors(model, optimizer)),
+    }
+    for name, data in files.items():
+        write_atomic(tmp / name, data)
+    sha = {name: sha256(data) for name, data in files.items()}
+    return commit_checkpoint(tmp, final, model, {"step": step, **trainer_state}, sha, keep_last)
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Restore model (and optimizer) from a checkpoint folder; returns trainer.json's contents."""
+    path = Path(path)
+    state = read_json(path / TRAINER_FILE)
+    if "parallel" in state:
+        raise ValueError(f"{path} is a sharded checkpoint of {state['parallel']['world']} ranks: resume it under "
+                         f"torchrun with the same layout (from_pretrained and generate read its weights anywhere)")
+    model_path = path / MODEL_FILE
+    load_model_state(model, read_safetensors(model_path, checked_bytes(path, MODEL_FILE, state)), str(model_path))
+    if optimizer is not None:
+        opt_path = path / OPTIMIZER_FILE
+        tensors = read_safetensors(opt_path, checked_bytes(path, OPTIMIZER_FILE, state))
+        load_optimizer_tensors(model, optimizer, tensors, str(opt_path))
+    return state

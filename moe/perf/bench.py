@@ -1,0 +1,156 @@
+"""`moe bench train|infer|layers --config C`: what this device really does on a model.
+
+    moe bench train  --config configs/deepseek-v3-mini.yaml   # forward + backward + AdamW step
+    moe bench infer  --config configs/tiny.yaml                # prefill and KV-cached decode
+    moe bench layers --config configs/qwen3-moe-mini.yaml      # each layer, MoE per expert backend
+
+Figures: tokens/s = tokens per call / median call time (warm-up excluded); achieved TFLOP/s =
+tokens/s x FLOPs per token (moe/flops.py: 6 x active matmul params + causal attention for
+training, a third of it for a forward); MFU against the dense matmul peak this run measures
+(torch.mm in the same dtype) and against the datasheet peak (moe/device_peaks.py; none for
+CPUs). Inputs are random tokens, so routing is close to uniform: real data's expert skew is
+not in these numbers. `--save` writes bench/results/<device>/<bench>-<config>.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..layer import update_expert_biases
+from ..model import Transformer
+from . import components, flops, timing
+
+# Bytes per parameter to train with fp32 weights, fp32 gradients and two fp32 AdamW moments.
+TRAIN_BYTES_PER_PARAM = 16
+
+
+def with_backend(config: ModelConfig, backend: str) -> ModelConfig:
+    if config.moe is None:
+        raise ValueError(f"--backend {backend}: config {config.name!r} has no MoE layers")
+    return dataclasses.replace(config, moe=dataclasses.replace(config.moe, backend=backend))
+
+
+def _check_fits(needed_bytes: float, device: torch.device, what: str) -> None:
+    capacity = timing.memory_capacity(device)
+    if capacity is not None and needed_bytes > capacity:
+        raise ValueError(f"{what} needs about {needed_bytes / 2**30:.1f} GiB but {device.type} has "
+                        f"{capacity / 2**30:.1f} GiB: use a -mini config, or `moe calibrate` for full-size models")
+
+
+def _autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=timing.DTYPES[dtype], enabled=dtype != "fp32")
+
+
+# --------------------------------------------------------------------------- train
+
+
+def run_train(args, config: ModelConfig, device: torch.device, dtype: str) -> tuple[dict, dict]:
+    seq = args.seq_len or config.max_seq_len
+    counts = flops.count(config, seq)
+    _check_fits(counts.params_total * TRAIN_BYTES_PER_PARAM, device, f"training {config.name}")
+    torch.manual_seed(0)
+    model = Transformer(config).to(device)  # fp32 master weights; matmuls in `dtype` under autocast
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(config.vocab_size, (args.batch_size, seq + 1), device=device)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def step() -> torch.Tensor:
+        with _autocast(device, dtype):
+            logits = model(inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) + model.aux_loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_expert_biases(model)
+        return loss.detach()
+
+    timing.reset_peak_memory(device)
+    measured = timing.measure(step, device, args.warmup, args.repeats)
+    memory = timing.peak_memory(device)
+    last_loss = float(step())  # sync, once, after timing: the steps must have produced a number
+    tokens = args.batch_size * seq
+    tokens_per_s = tokens / measured.median_s
+    settings = {"batch_size": args.batch_size, "seq_len": seq, "backend": config.moe and config.moe.backend,
+                "optimizer": "AdamW (fused on CUDA)", "precision": f"fp32 weights, {dtype} autocast"}
+    return settings, {"tokens_per_step": tokens, "step": measured.to_dict(), "tokens_per_s": tokens_per_s,
+                      "train_flops_per_token": counts.train_flops_per_token,
+                      "achieved_tflops": tokens_per_s * counts.train_flops_per_token / 1e12,
+                      "params_total": counts.params_total, "params_active": counts.params_active,
+                      "peak_memory": memory, "last_loss": last_loss}
+
+
+# --------------------------------------------------------------------------- infer
+
+
+def run_infer(args, config: ModelConfig, device: torch.device, dtype: str) -> tuple[dict, dict]:
+    prompt_len = args.prompt_len or min(128, config.max_seq_len)
+    counts = flops.count(config, prompt_len)
+    _check_fits(counts.params_total * timing.DTYPES[dtype].itemsize, device, f"inference of {config.name}")
+    torch.manual_seed(0)
+    model = Transformer(config).to(device=device, dtype=timing.DTYPES[dtype]).eval()
+    prompt = torch.randint(config.vocab_size, (args.batch_size, prompt_len), device=device)
+    timing.reset_peak_memory(device)
+    with torch.no_grad():
+        prefill = timing.measure(lambda: model(prompt, model.new_cache()), device, args.warmup, args.repeats)
+        base = model.new_cache()
+        first = model(prompt, base)[:, -1:].argmax(-1)  # [B, 1]
+
+        def decode() -> torch.Tensor:
+            # The cache's update concatenates into new tensors, so a shallow copy of the prefilled
+            # cache restarts every repeat from the same prompt.
+            cache = model.new_cache()
+            cache.layers, cache.seq_len = list(base.layers), base.seq_len
+            token = first
+            for _ in range(args.new_tokens):
+                token = model(token, cache)[:, -1:].argmax(-1)  # greedy; stays on the device
+            return token
+
+        decoding = timing.measure(decode, device, args.warmup, args.repeats)
+    memory = timing.peak_memory(device)
+    prefill_tps = args.batch_size * prompt_len / prefill.median_s
+    settings = {"batch_size": args.batch_size, "prompt_len": prompt_len, "new_tokens": args.new_tokens,
+                "backend": config.moe and config.moe.backend, "precision": f"{dtype} weights", "decoding": "greedy"}
+    return settings, {"prefill": prefill.to_dict(), "prefill_tokens_per_s": prefill_tps,
+                      "prefill_forward_flops_per_token": counts.forward_flops_per_token,
+                      "prefill_achieved_tflops": prefill_tps * counts.forward_flops_per_token / 1e12,
+                      "decode": decoding.to_dict(),
+                      "decode_tokens_per_s": args.batch_size * args.new_tokens / decoding.median_s,
+                      "decode_ms_per_step": decoding.median_s / args.new_tokens * 1e3, "peak_memory": memory}
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def run_layers(args, config: ModelConfig, device: torch.device, dtype: str) -> tuple[dict, dict]:
+    seq = args.seq_len or config.max_seq_len
+    backends = (args.backends.split(",") if args.backends else
+                ["eager", "torch"] + (["triton"] if device.type == "cuda" else []))
+    for b in backends:
+        if b not in ("eager", "torch", "triton"):
+            raise ValueError(f"--backends: unknown expert backend {b!r} (expected eager, torch, triton)")
+    counts = components.layer_counts(config)
+    jobs = [(kind, None) for kind in ("attention", "dense", "head") if counts[kind]]
+    jobs += [("moe", b) for b in backends] if counts["moe"] else []
+    rows = []
+    for kind, backend in jobs:
+        cfg = with_backend(config, backend) if backend else config
+        largest = sum(p.numel() for p in components.build(kind, cfg, device="meta").parameters())
+        _check_fits(largest * 4 * 3, device, f"the {kind} layer of {config.name}")  # weights, grads, activations
+        torch.manual_seed(0)
+        module = components.build(kind, cfg, device=device).to(timing.DTYPES[dtype])
+        train_flops = components.train_flops_per_token(kind, cfg, seq)
+        row = {"layer": kind, "backend": backend, "train_flops_per_token": train_flops}
+        for mode, backward in (("forward", False), ("forward_backward", True)):
+            step = components.make_step(kind, module, cfg, args.batch_size, seq, backward=backward)
+            with torch.no_grad() if not backward else torch.enable_grad():
+                measured = timing.measure(step, device, args.warmup, args.repeats)
+            tps = args.batch_size * seq / measured.median_s
+            row[mode] = {**measured.to_dict(), "tokens_per_s": tps,
+                         "tflops": tps * train_flops / (1 if backward else 3) / 1e12}
+        rows.append(row)
+        del module
+    return {"batch_size": args.batch_size, "seq_len": seq, "backends": backends}, {"layers": rows}
