@@ -1,5 +1,7 @@
-# `make demo` trains the tiny MoE on the default corpus; `make test` runs the tests.
-# Both create .venv on first use. On a machine without an NVIDIA GPU the install is held to the
+# `make demo` trains the tiny MoE on the default corpus; `make test` runs the tests (all of them:
+# what CI runs), `make test-fast` all but the slow and distributed ones (under 2 minutes on 2 CPU
+# cores), `make lint` the static checks (ruff, mypy on the core, the import contracts).
+# Each creates .venv on first use. On a machine without an NVIDIA GPU the install is held to the
 # CPU build of torch named in .ci/constraints.txt (an unpinned torch pulls GBs of CUDA wheels);
 # override with `make test CONSTRAINTS=` (none) or another file.
 
@@ -12,8 +14,12 @@ CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,.ci/constraints.
 export OMP_WAIT_POLICY ?= PASSIVE
 # The demo: a few minutes of training on 2 CPU cores; --time-limit caps it on a slower machine.
 DEMO_TRAIN ?= --steps 300 --time-limit 240
+# The core modules mypy checks (the same list as the import-linter contract "The core imports
+# nothing above it" in pyproject.toml); what they import is followed silently.
+MYPY_CORE := $(addprefix moe/,$(addsuffix .py,config router capacity dispatch dispatcher scope balance experts \
+	layer attention rope model generate mlp norm device))
 
-.PHONY: install test demo clean
+.PHONY: install test test-fast lint demo clean
 
 install: $(VENV)/.installed
 
@@ -25,9 +31,18 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q
 
+test-fast: install
+	$(BIN)/python -m pytest -q -m 'not slow and not distributed'
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy $(MYPY_CORE)
+	$(BIN)/lint-imports
+
 demo: install
 	$(BIN)/python -m moe train --config configs/tiny.yaml --overwrite $(DEMO_TRAIN)
 	$(BIN)/python -m moe generate --ckpt runs/tiny --prompt 'def ' --max-new-tokens 300 --temperature 0.8
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

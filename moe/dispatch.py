@@ -20,7 +20,7 @@ Combining reverses it: y_slot[row_slot[r]] = y_row[r], then out[t] = sum_k w[t,k
 
 An expert-parallel all-to-all slots in between `permute` and the expert computation: the
 permuted rows of each expert are contiguous, and the kept count per expert (the steps of
-`offs`) says how many to send where (moe/parallel/expert_parallel.py).
+`offs`) says how many to send where (moe/distributed/all_to_all.py).
 """
 
 from __future__ import annotations

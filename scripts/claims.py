@@ -9,7 +9,7 @@ Seed 002, section 1.1 claims that (1) a balancing loss takes expert utilisation 
 than all-MoE for 1.2% worse quality, (3) dynamic capacity cuts the token drop rate from 8%
 to under 2%. Each claim lives in scripts/claims/<claim>.py: its configs, its measurement,
 its verdict rule and its plot. Runs go to runs/claims/<claim>/<variant>/ (metrics.jsonl
-as moe/metrics.py documents it); the numbers to claims.json, the page to claims.md.
+as moe/train/metrics.py documents it); the numbers to claims.json, the page to claims.md.
 """
 
 from __future__ import annotations

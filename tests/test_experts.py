@@ -163,6 +163,7 @@ def test_autocast_runs_the_grouped_gemm_in_the_autocast_dtype():
     assert ((out.float() - ref).norm() / ref.norm()) < 2e-2
 
 
+@pytest.mark.slow
 def test_triton_layer_compiles_without_graph_breaks():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 from moe import ModelConfig, MoEConfig
-from moe.train.trainer import TrainArgs
+from moe.train import TrainArgs
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import os
 import typing
 
 from ..config import load_config
-from ..train.trainer import TrainArgs, run
+from ..train import TrainArgs, run
 
 
 METAVARS = {"out": "DIR", "resume": "DIR", "data": "PATH", "time_limit": "SECONDS"}

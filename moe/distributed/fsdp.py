@@ -6,7 +6,7 @@
 - every transformer block, and then the rest (embeddings, final norm, head), over all ranks.
 The backward's reduce-scatter averages each gradient over its own group: over the world
 for the shared parameters, over dp for the experts (whose gradients the all-to-all already
-gathered from the EP group, see expert_parallel.py). Buffers (the routers' expert_bias) are
+gathered from the EP group, see all_to_all.py). Buffers (the routers' expert_bias) are
 not sharded: every rank holds the same copy.
 """
 
@@ -20,23 +20,22 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
 from ..layer import MoE
+from .all_to_all import AllToAllDispatcher
 from .mesh import ParallelContext
 
 try:
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard
 except ImportError:  # torch 2.4 / 2.5 kept FSDP2 under its composable name
-    from torch.distributed._composable.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed._composable.fsdp import fully_shard
 
 
 def apply_fsdp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     """Shard `model` in place (call shard_experts first, build the optimizer after)."""
     for module in model.modules():
-        if isinstance(module, MoE) and module.ep is not None and module.ep.ep_size > 1:
+        if isinstance(module, MoE) and isinstance(module.dispatcher, AllToAllDispatcher):
             fully_shard(module.experts, mesh=ctx.mesh["dp"])
-            # The EP dispatcher calls Experts.ffn, not forward: FSDP must gather the weights for it too.
-            register_fsdp_forward_method(module.experts, "ffn")
     # Recent torch (2.13) warns when a sharded module returns a view, in case the caller changes
-    # it in place; ffn's output is a view (grouped_mm's gradient wrapper) that is only indexed.
+    # it in place; the experts' output is a view (grouped_mm's gradient wrapper) that is only indexed.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPExperts\) returned a view")
     for block in getattr(model, "layers", []):
         fully_shard(block, mesh=ctx.world_mesh)

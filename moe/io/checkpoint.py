@@ -14,12 +14,14 @@ Training checkpoint (`save_checkpoint` / `load_checkpoint`), one folder per step
         trainer.json                     step, RNG states, data position, run arguments, and the
                                          sha256 of every other file (to catch torn or corrupt files)
 
-Every file is written to a temporary name, fsynced and renamed; a training checkpoint is
-built in `step_X.tmp` and renamed to `step_X` only when complete, and older checkpoints are
-pruned only after that. A run killed mid-save leaves the previous checkpoint intact.
+Every file is written to a temporary name, fsynced and renamed (files.py); a training
+checkpoint is built in `step_X.tmp` and renamed to `step_X` only when complete, and older
+checkpoints are pruned only after that (`begin_checkpoint` / `commit_checkpoint`, the one
+commit routine both writers use). A run killed mid-save leaves the previous checkpoint intact.
 
-Under torchrun each rank writes its own slices instead (moe/parallel/checkpoint.py); trainer.json
-then records the layout under "parallel", and load_pretrained assembles the full weights.
+Under torchrun each rank writes its own slices instead (moe/distributed/checkpoint.py, in the
+layout of sharded.py); trainer.json then records the layout under "parallel", and
+load_pretrained assembles the full weights.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@
     moe bench layers --config configs/qwen3-moe-mini.yaml      # each layer, MoE per expert backend
 
 Figures: tokens/s = tokens per call / median call time (warm-up excluded); achieved TFLOP/s =
-tokens/s x FLOPs per token (moe/flops.py: 6 x active matmul params + causal attention for
+tokens/s x FLOPs per token (moe/perf/flops.py: 6 x active matmul params + causal attention for
 training, a third of it for a forward); MFU against the dense matmul peak this run measures
-(torch.mm in the same dtype) and against the datasheet peak (moe/device_peaks.py; none for
+(torch.mm in the same dtype) and against the datasheet peak (moe/perf/device_peaks.py; none for
 CPUs). Inputs are random tokens, so routing is close to uniform: real data's expert skew is
 not in these numbers. `--save` writes bench/results/<device>/<bench>-<config>.json.
 """
@@ -17,11 +17,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..layer import update_expert_biases
 from ..model import Transformer
+from ..train.args import TrainArgs
+from ..train.step import build_model, build_optimizer, train_step
 from . import components, flops, timing
 
 # Bytes per parameter to train with fp32 weights, fp32 gradients and two fp32 AdamW moments.
@@ -48,34 +48,44 @@ def _autocast(device: torch.device, dtype: str):
 # --------------------------------------------------------------------------- train
 
 
+class _FixedBatch:
+    """The same batch at every call: moe.train's train_step draws its micro-batches from next_batch()."""
+
+    def __init__(self, inputs_BS: torch.Tensor, targets_BS: torch.Tensor):
+        self.batch = inputs_BS, targets_BS
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch
+
+
 def run_train(args, config: ModelConfig, device: torch.device, dtype: str) -> tuple[dict, dict]:
+    """Time `moe train`'s own step (moe.train.step.train_step: forward, CE + aux loss, backward,
+    gradient clipping, AdamW, expert-bias update) on one random batch, in `dtype` autocast."""
     seq = args.seq_len or config.max_seq_len
     counts = flops.count(config, seq)
     _check_fits(counts.params_total * TRAIN_BYTES_PER_PARAM, device, f"training {config.name}")
     torch.manual_seed(0)
-    model = Transformer(config).to(device)  # fp32 master weights; matmuls in `dtype` under autocast
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    ids = torch.randint(config.vocab_size, (args.batch_size, seq + 1), device=device)
-    inputs, targets = ids[:, :-1], ids[:, 1:]
+    model = build_model(config, device)  # fp32 master weights; matmuls in `dtype` under autocast
+    # moe train's defaults (gradient clip 1.0, one micro-batch); the lr does not change the time.
+    train_args = TrainArgs(batch_size=args.batch_size, seq_len=seq, lr=1e-4)
+    opt = build_optimizer(model, train_args, fused=device.type == "cuda")
+    ids = torch.randint(config.vocab_size, (args.batch_size, seq + 1), device=device)  # [B, S + 1]
+    batch = _FixedBatch(ids[:, :-1], ids[:, 1:])  # inputs, and targets: the inputs shifted by one
+    autocast = _autocast(device, dtype)
 
-    def step() -> torch.Tensor:
-        with _autocast(device, dtype):
-            logits = model(inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) + model.aux_loss()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_expert_biases(model)
-        return loss.detach()
+    def step() -> dict[str, torch.Tensor]:
+        return train_step(model, model, opt, batch, train_args, device, autocast=autocast)
 
     timing.reset_peak_memory(device)
     measured = timing.measure(step, device, args.warmup, args.repeats)
     memory = timing.peak_memory(device)
-    last_loss = float(step())  # sync, once, after timing: the steps must have produced a number
+    out = step()
+    last_loss = float(out["loss"] + out["aux_loss"])  # sync, once, after timing: the steps must have produced a number
     tokens = args.batch_size * seq
     tokens_per_s = tokens / measured.median_s
     settings = {"batch_size": args.batch_size, "seq_len": seq, "backend": config.moe and config.moe.backend,
-                "optimizer": "AdamW (fused on CUDA)", "precision": f"fp32 weights, {dtype} autocast"}
+                "optimizer": f"AdamW (fused on CUDA), gradient clip {train_args.grad_clip}",
+                "precision": f"fp32 weights, {dtype} autocast"}
     return settings, {"tokens_per_step": tokens, "step": measured.to_dict(), "tokens_per_s": tokens_per_s,
                       "train_flops_per_token": counts.train_flops_per_token,
                       "achieved_tflops": tokens_per_s * counts.train_flops_per_token / 1e12,

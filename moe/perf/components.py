@@ -11,7 +11,7 @@ A full-size model does not fit one GPU, but one of its layers does. `moe calibra
     dense      ffn_norm + dense SwiGLU MLP                               x dense layers
     head       embedding lookup + final norm + LM head + cross-entropy   x 1
 
-FLOPs follow moe/flops.py exactly (6 x active matmul params per token + causal attention),
+FLOPs follow moe/perf/flops.py exactly (6 x active matmul params per token + causal attention),
 so the components of a model sum to `flops.count(config).train_flops_per_token`.
 
 One expert-parallel rank (`RankMoE`): with P ranks each holding E/P experts and balanced
@@ -42,7 +42,7 @@ from ..layer import MoE
 from ..mlp import MLP
 from ..model import layer_plan
 from ..norm import RMSNorm
-from .flops import attention_flops_per_token
+from .flops import active_params, attention_flops_per_token
 
 KINDS = ("attention", "moe", "dense", "head")
 
@@ -87,11 +87,6 @@ class RankMoE(MoE):
             for b in self.buffers():
                 b.zero_()  # expert bias and load counters start at zero, as in MoE
 
-    def active_params(self) -> int:
-        """Weights one token touches in this layer: router, shared experts, K experts' worth."""
-        experts = self.experts.w_in.numel() + self.experts.w_out.numel()
-        per_expert = experts // (self.config.num_experts // self.ep_degree)
-        return sum(p.numel() for p in self.parameters()) - experts + self.config.top_k * per_expert
 
 
 class AttentionPart(nn.Module):
@@ -154,11 +149,11 @@ def build(kind: str, config: ModelConfig, ep_degree: int = 1, device: torch.devi
 
 
 def train_flops_per_token(kind: str, config: ModelConfig, seq_len: int, ep_degree: int = 1) -> float:
-    """Forward + backward FLOPs per token of one component, by moe/flops.py's conventions;
+    """Forward + backward FLOPs per token of one component, by moe/perf/flops.py's conventions;
     counted on the meta device, so full-size components cost nothing."""
     module = build(kind, config, ep_degree, device="meta")
     if kind == "moe":
-        return 6.0 * (module.norm.weight.numel() + module.ffn.active_params())
+        return 6.0 * active_params(module)
     if kind == "head":
         # The lookup is no matmul; a tied table is used once more, as the LM head.
         matmul = sum(p.numel() for p in module.parameters()) - module.embed_tokens.weight.numel()

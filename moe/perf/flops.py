@@ -16,8 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..config import ModelConfig
+from ..layer import MoE
 from ..model import Transformer
 
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp8": 1}
@@ -52,16 +54,24 @@ def count(config: ModelConfig, seq_len: int | None = None) -> ModelCounts:
         model = Transformer(config)
     total = sum(p.numel() for p in model.parameters())
     embedding = model.embed_tokens.weight.numel()
-    routed = inactive = 0
-    for moe in model.moe_layers():
-        n = moe.experts.w_in.numel() + moe.experts.w_out.numel()
-        routed += n
-        inactive += n - n * moe.config.top_k // moe.config.num_experts
-    active = total - inactive
+    routed = sum(moe.experts.w_in.numel() + moe.experts.w_out.numel() for moe in model.moe_layers())
+    active = active_params(model)
     # A tied table is one parameter but two uses: a lookup (free) and the LM head (a matmul).
     matmul_active = active - embedding + (embedding if config.tie_embeddings else 0)
     return ModelCounts(total, active, embedding, routed, matmul_active,
                        attention_flops_per_token(config, seq_len), seq_len)
+
+
+def active_params(module: nn.Module) -> int:
+    """Weights one token touches in `module` (a model, or any piece of one): every parameter
+    (tied ones once), less the routed experts it skips: each MoE layer's token uses top_k of
+    the experts in its stack (a calibration RankMoE's stack holds only one rank's experts)."""
+    active = sum(p.numel() for p in module.parameters())
+    for layer in module.modules():
+        if isinstance(layer, MoE):
+            stack = layer.experts.w_in.numel() + layer.experts.w_out.numel()
+            active -= stack - layer.config.top_k * (stack // layer.experts.w_in.shape[0])
+    return active
 
 
 def attention_flops_per_token(config: ModelConfig, seq_len: int) -> float:

@@ -61,7 +61,7 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Component:
-    """One timed piece of the model, at full size (see moe/components.py)."""
+    """One timed piece of the model, at full size (see moe/perf/components.py)."""
 
     name: str
     count: int  # how many the model has
@@ -78,7 +78,7 @@ class ModelShape:
     moe_layers: int
     dense_params: int  # every weight outside the routed experts (embeddings included)
     expert_params: int  # all routed-expert weights of all layers
-    flops_per_token: float  # training FLOPs per token of the whole model (moe.flops)
+    flops_per_token: float  # training FLOPs per token of the whole model (moe.perf.flops)
 
 
 def all_to_all_seconds_per_token(shape: ModelShape, c: Cluster) -> float:
@@ -108,7 +108,7 @@ class Projection:
     exposed_comm_s: float
     seconds_per_token: float
     tokens_per_s_per_gpu: float
-    achieved_tflops: float  # model FLOPs (moe.flops) per second per GPU
+    achieved_tflops: float  # model FLOPs (moe.perf.flops) per second per GPU
     step_s: float  # one optimizer step: tokens_per_gpu_step tokens
     gpu_hours_per_trillion: float
     mfu: dict[str, float | None] = field(default_factory=dict)  # against each named peak
@@ -155,7 +155,7 @@ Metric = Literal["gpu_hours", "tflops_per_gpu", "tokens_per_s_per_gpu"]
 
 @dataclass(frozen=True)
 class Claim:
-    """A published or claimed training figure (data in moe/published.py)."""
+    """A published or claimed training figure (data in moe/perf/published.py)."""
 
     label: str
     config: str  # the ModelConfig.name it is about

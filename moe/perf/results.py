@@ -78,7 +78,7 @@ def _git() -> dict[str, Any]:
 
 def record(bench: str, env: dict[str, Any], config: dict[str, Any], settings: dict[str, Any],
            results: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """One result object; every bench writes this shape (tests/test_benchmark.py holds it)."""
+    """One result object; every bench writes this shape (tests/perf/test_timing_results.py holds it)."""
     return {"schema": SCHEMA, "bench": bench, "environment": env, "config": config,
             "settings": settings, "results": results, **extra}
 

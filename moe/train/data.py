@@ -1,6 +1,7 @@
 """Training data: the corpus, its deterministic train/validation split, and batch sampling.
 
-Legend: N = tokens in the corpus, B = batch size, T = tokens per training sequence.
+Legend: N = tokens in the corpus, B = sequences in a batch, S = tokens per training sequence,
+W = tokens per window (S + 1: the inputs and, shifted by one, the targets).
 
 The default corpus is the Python standard library's own source, read as bytes (vocab 256),
 so every machine has it and nothing is downloaded. Any of these replaces it:
@@ -136,7 +137,7 @@ class TokenView:
         return self.length
 
     def windows(self, offsets_B: np.ndarray, width: int) -> Tensor:
-        """Tokens [offset, offset + width) of the virtual stream for each offset: [B, width] int64."""
+        """Tokens [offset, offset + width) of the virtual stream for each offset: [B, W = width] int64."""
         virtual_BW = offsets_B[:, None] + np.arange(width, dtype=np.int64)[None, :]
         piece_BW = np.searchsorted(self.vstarts, virtual_BW, side="right") - 1
         real_BW = self.starts[piece_BW] + (virtual_BW - self.vstarts[piece_BW])
@@ -163,7 +164,7 @@ class BatchSampler:
         self.position = 0  # batches drawn so far: the sampler's whole state
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
-        """(inputs [B, T], targets [B, T]) int64: targets are the inputs shifted by one."""
+        """(inputs [B, S], targets [B, S]) int64: targets are the inputs shifted by one."""
         rng = np.random.default_rng((self.seed, self.rank, self.position))
         offsets_B = rng.integers(self.low, self.high, size=self.batch_size, dtype=np.int64)
         self.position += 1

@@ -20,20 +20,24 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .trainer import SingleProcess, TrainArgs, eval_sums
 from ..distributed.checkpoint import load_sharded, save_sharded
-from ..distributed.parallelize import shard_experts
 from ..distributed.fsdp import apply_fsdp, clip_grad_norm_
 from ..distributed.mesh import init_parallel
+from ..distributed.parallelize import shard_experts
+from .args import TrainArgs
+from .runtime import Runtime
+from .step import eval_sums
 
 
-class Distributed(SingleProcess):
+class Distributed(Runtime):
+    """One of torchrun's ranks: its (dp, ep) mesh and process groups, set up from torchrun's environment."""
+
     def __init__(self, args: TrainArgs):
         if args.compile:
             raise ValueError("--compile is not supported under torchrun yet (expert parallelism reads its "
                              "all-to-all sizes on the host, and this path is not tested compiled)")
         self.ctx = init_parallel(args.ep, args.device, args.dist_timeout)
-        self.rank, self.world_size, self.is_main = self.ctx.rank, self.ctx.world_size, self.ctx.rank == 0
+        super().__init__(rank=self.ctx.rank, world_size=self.ctx.world_size)
 
     def device(self, name: str) -> torch.device:
         return self.ctx.device

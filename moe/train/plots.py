@@ -1,4 +1,4 @@
-"""PNG plots of a run, drawn from its metrics.jsonl (see moe/metrics.py for the rows).
+"""PNG plots of a run, drawn from its metrics.jsonl (see moe/train/metrics.py for the rows).
 
     loss.png         training loss (raw and smoothed) and validation loss against tokens, in nats
                      per token with a bits axis; beside it the balance: the worst layer's

@@ -1,243 +1,41 @@
 """Training: `moe train --config CONFIG` and its Python API, `run(config, TrainArgs(...))`.
 
-Legend: B = batch size, T = tokens per sequence, V = vocab size.
+Legend: B = sequences per micro-batch, S = tokens per sequence.
 
-One step, as in nanoGPT's train.py:
-    for each of grad_accum micro-batches:  loss = CE(model(x), y) + model.aux_loss(); backward
-    clip the gradient norm; AdamW step (lr: linear warmup, then cosine to min_lr)
-    update_expert_biases(model)   # aux-loss-free balancing, after the optimizer step
-bf16 autocast on CUDA, fp32 on CPU. Host syncs happen only on logging, eval and save steps;
-a non-finite loss is recorded on the device and reported (with its step) at the next of those.
-
-The pieces a distributed trainer wraps are separate functions taking the model/optimizer:
-build_model, build_optimizer, train_step, clip_gradients, evaluate, save/load in checkpoint.py.
-`run` reaches them through a runtime: SingleProcess here, moe.parallel.trainer.Distributed
-when torchrun launched the process (expert parallelism, FSDP2, sharded checkpoints).
+`run` picks the runtime (one process, or one of torchrun's ranks) and hands it to a Trainer:
+    Trainer(config, args, runtime)   checks the input, builds data, model and optimizer, resumes
+    .fit()                           the steps (step.py's train_step), with metrics rows, evals
+                                     and checkpoints as args say, then the plots
+    .summary()                       what the run reached, read back from metrics.jsonl
+Host syncs happen only on logging, eval and save steps; a non-finite loss is recorded on the
+device and reported (with its step) at the next of those.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
-from ..io import checkpoint
-from . import metrics
 from ..config import ModelConfig
+from ..io import checkpoint
+from ..io.files import write_atomic
+from . import metrics
+from .args import TrainArgs
 from .data import BatchSampler, TokenView, check_vocab, eval_batches, load_corpus, split_ranges
-from ..device import pick_device
-from ..layer import MoE, update_expert_biases
-from ..model import Transformer
 from .run_folder import clear_run_dir, locate_run, rng_state, set_rng_state
+from .runtime import Runtime, SingleProcess
+from .step import build_model, build_optimizer, lr_at, moe_stats, train_step
 
 
 class TrainingDiverged(ValueError):
     """The loss became NaN or inf; the last good checkpoint is left in place."""
-
-
-def _arg(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainArgs:
-    """Everything about a training run that is not the model. The CLI flags are these fields."""
-
-    out: str | None = _arg(None, "run folder (default runs/<config name>)")
-    data: str | None = _arg(None, "text file, folder of text files, or token file (.npy, .bin); "
-                                  "default: the Python standard library's source as bytes")
-    token_dtype: str = _arg("uint16", "dtype of a raw .bin token file: uint16 or uint32")
-    val_fraction: float = _arg(0.1, "share of the corpus held out for validation")
-    steps: int = _arg(600, "optimizer steps; the learning-rate schedule spans them")
-    batch_size: int = _arg(16, "sequences per micro-batch")
-    seq_len: int | None = _arg(None, "tokens per sequence (default: the config's max_seq_len)")
-    grad_accum: int = _arg(1, "micro-batches per optimizer step")
-    lr: float = _arg(3e-3, "peak learning rate")
-    min_lr: float = _arg(3e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int | None = _arg(None, "steps of linear warmup (default: 5%% of --steps)")
-    weight_decay: float = _arg(0.1, "AdamW weight decay on matrices (not on norms or biases)")
-    beta1: float = _arg(0.9, "AdamW beta1")
-    beta2: float = _arg(0.95, "AdamW beta2")
-    grad_clip: float = _arg(1.0, "clip the gradient norm to this (0: off)")
-    eval_every: int = _arg(100, "steps between validation evaluations")
-    eval_batches: int = _arg(8, "validation batches per evaluation (a fixed set)")
-    log_every: int = _arg(10, "steps between metrics rows")
-    save_every: int = _arg(200, "steps between checkpoints (one is always written at the end)")
-    keep_last: int = _arg(3, "checkpoints kept")
-    seed: int = _arg(0, "seed of the initialisation and of the data order")
-    ep: int = _arg(1, "expert parallelism under torchrun: split each layer's experts over this many ranks "
-                      "(it must divide the number of processes; the rest is data parallelism)")
-    dist_timeout: float = _arg(600.0, "under torchrun: seconds a collective may wait before the run fails")
-    device: str = _arg("auto", "cpu, cuda, cuda:N or auto")
-    compile: bool = _arg(False, "torch.compile the model")
-    resume: str | None = _arg(None, "continue the run in this folder (or from this checkpoint)")
-    overwrite: bool = _arg(False, "replace a previous run in the output folder")
-    stop_at: int | None = _arg(None, "stop after this step, as if interrupted (the schedule still spans --steps)")
-    time_limit: float | None = _arg(None, "stop (and save) after this many seconds of training")
-    progress: bool = _arg(True, "show a progress bar")
-    plots: bool = _arg(True, "draw PNG plots from metrics.jsonl at the end")
-
-    def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every",
-                    "save_every", "keep_last", "ep", "dist_timeout"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
-        if self.seq_len is not None and self.seq_len <= 0:
-            raise ValueError(f"seq_len must be positive, got {self.seq_len}")
-        if self.warmup_steps is None:
-            self.warmup_steps = self.steps // 20
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-
-
-# --------------------------------------------------------------------------- building blocks
-
-
-def build_model(config: ModelConfig, device: torch.device) -> Transformer:
-    return Transformer(config).to(device)
-
-
-def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.AdamW:
-    """AdamW; matrices (weights, expert stacks, embeddings) decay, norms and biases do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2))
-
-
-def lr_at(step: int, args: TrainArgs) -> float:
-    """Learning rate of step (1-based): linear warmup to lr, then cosine decay to min_lr."""
-    if step <= args.warmup_steps:
-        return args.lr * step / args.warmup_steps
-    progress = min(1.0, (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps))
-    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; CPU trains in fp32 (exact, and resumable bit for bit)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def clip_gradients(model: nn.Module, max_norm: float) -> Tensor:
-    """Total gradient norm before clipping (a device tensor: no sync)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-
-
-def train_step(model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
-               sampler: BatchSampler, args: TrainArgs, device: torch.device,
-               clip: Callable[[nn.Module, float], Tensor] = clip_gradients) -> dict[str, Tensor]:
-    """One optimizer step over grad_accum micro-batches; returns device tensors (no sync).
-
-    `forward` is what runs the batch (the model itself, or its torch.compile wrapper);
-    `clip` clips the gradients and returns their norm (a sharded model brings its own).
-    """
-    model.train()
-    ce_sum = aux_sum = torch.zeros((), device=device)
-    for _ in range(args.grad_accum):
-        x_BT, y_BT = (t.to(device, non_blocking=True) for t in sampler.next_batch())
-        with autocast_for(device):
-            logits_BTV = forward(x_BT)
-        ce = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten())
-        aux = model.aux_loss()
-        ((ce + aux) / args.grad_accum).backward()
-        ce_sum, aux_sum = ce_sum + ce.detach(), aux_sum + aux.detach()
-    grad_norm = clip(model, args.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    update_expert_biases(model)  # uses the load of every micro-batch since the last update
-    return {"loss": ce_sum / args.grad_accum, "aux_loss": aux_sum / args.grad_accum, "grad_norm": grad_norm}
-
-
-def evaluate(forward: nn.Module, batches: list[tuple[Tensor, Tensor]], device: torch.device) -> float:
-    """Mean cross-entropy (nats per token) over fixed batches."""
-    total, count = eval_sums(forward, batches, device)
-    return float(total) / count  # host sync, once per evaluation
-
-
-@torch.no_grad()
-def eval_sums(forward: nn.Module, batches: list[tuple[Tensor, Tensor]], device: torch.device) -> tuple[Tensor, int]:
-    """(summed cross-entropy as a float64 device tensor, token count) over the batches."""
-    forward.eval()
-    total, count = torch.zeros((), device=device, dtype=torch.float64), 0
-    for x_BT, y_BT in batches:
-        with autocast_for(device):
-            logits_BTV = forward(x_BT.to(device))
-        total += F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.to(device).flatten(), reduction="sum")
-        count += y_BT.numel()
-    forward.train()
-    return total, count
-
-
-def moe_stats(model: Transformer) -> list[dict[str, Any]]:
-    """Per MoE layer, the statistics of the last forward (reading them syncs)."""
-    rows = []
-    for idx, block in enumerate(model.layers):
-        if isinstance(block.ffn, MoE):
-            stats = block.ffn.stats
-            rows.append({"layer": idx, "load": [round(v, 6) for v in stats.pop("load").tolist()], **stats})
-    return rows
-
-
-# --------------------------------------------------------------------------- one process or many
-
-
-class SingleProcess:
-    """What `run` asks of the world it trains in; here, one process holds everything.
-    moe.parallel.trainer.Distributed answers the same questions for torchrun's ranks."""
-
-    rank, world_size, is_main = 0, 1, True
-    device = staticmethod(pick_device)  # (name) -> torch.device
-    clip_gradients = staticmethod(clip_gradients)  # (model, max_norm) -> norm before clipping
-    evaluate = staticmethod(evaluate)  # (forward, batches, device) -> mean validation loss
-    load_checkpoint = staticmethod(checkpoint.load_checkpoint)  # (path, model, optimizer) -> trainer state
-    save_checkpoint = staticmethod(checkpoint.save_checkpoint)  # (root, step, model, optimizer, state, keep_last)
-
-    def wrap(self, model: Transformer) -> nn.Module:
-        return model
-
-    def reduce_step(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
-        return out
-
-    def any(self, flag: bool) -> bool:
-        return flag
-
-    def barrier(self) -> None:
-        pass
-
-    def describe(self) -> dict[str, Any]:
-        return {}
-
-    def close(self) -> None:
-        pass
-
-
-def _runtime(args: TrainArgs) -> SingleProcess:
-    from ..distributed.mesh import under_torchrun
-
-    if under_torchrun():
-        from .distributed_runtime import Distributed
-
-        return Distributed(args)
-    if args.ep > 1:
-        raise ValueError(f"--ep {args.ep} needs several processes: launch with "
-                         f"torchrun --nproc-per-node N -m moe train ... --ep {args.ep}")
-    return SingleProcess()
-
-
-# --------------------------------------------------------------------------- the run
 
 
 def run(config: ModelConfig, args: TrainArgs) -> dict[str, Any]:
@@ -248,146 +46,204 @@ def run(config: ModelConfig, args: TrainArgs) -> dict[str, Any]:
     (median over train rows), elapsed_s, drop_rate, load ({layer: per-expert share, mean of
     the last 10 train rows}), checkpoint (latest folder), metrics (path), plots (paths).
 
-    Launched by torchrun, every rank runs this with moe.parallel's runtime (expert and data
+    Launched by torchrun, every rank runs this with the Distributed runtime (expert and data
     parallelism, sharded checkpoints); rank 0 writes the run folder.
     """
-    runtime = _runtime(args)
-    try:
-        return _train(config, args, runtime)
-    finally:
-        runtime.close()
+    with make_runtime(args) as runtime:
+        trainer = Trainer(config, args, runtime)
+        trainer.fit()
+        return trainer.summary()
 
 
-def _train(config: ModelConfig, args: TrainArgs, rt: SingleProcess) -> dict[str, Any]:
-    device = rt.device(args.device)
-    if args.compile and device.type == "cpu" and config.moe is not None and config.moe.backend == "torch":
-        raise ValueError("--compile on CPU needs 'backend: eager' under moe: in the config (torch's "
-                         "grouped_mm compiles only in bf16, which CUDA training uses)")
-    run_dir, resume_from, continuing = locate_run(config.name, args.out, args.resume, args.overwrite)
+def make_runtime(args: TrainArgs) -> Runtime:
+    """Distributed when torchrun launched this process, else SingleProcess."""
+    # Imported here: moe.distributed brings FSDP, about a second that one process does not need.
+    from ..distributed.mesh import under_torchrun
 
-    # Everything that can fail on bad input happens before the run folder is touched.
-    corpus = load_corpus(args.data, args.token_dtype)
-    check_vocab(corpus, config.vocab_size)
-    seq_len = args.seq_len or config.max_seq_len
-    train_ranges, val_ranges = split_ranges(len(corpus.tokens), args.val_fraction)
-    sampler = BatchSampler(TokenView(corpus.tokens, train_ranges), args.batch_size, seq_len, args.seed,
-                           rt.rank, rt.world_size)
-    # One validation set for any number of ranks: each evaluates its rows of every batch.
-    mine = slice(rt.rank * args.batch_size, (rt.rank + 1) * args.batch_size)
-    val_set = [(x_BT[mine], y_BT[mine]) for x_BT, y_BT in eval_batches(
-        TokenView(corpus.tokens, val_ranges), args.batch_size * rt.world_size, seq_len, args.eval_batches)]
-    torch.manual_seed(args.seed)
-    model = build_model(config, device)
-    params = sum(p.numel() for p in model.parameters())
-    model = rt.wrap(model)
-    optimizer = build_optimizer(model, args)
-    step, tokens, elapsed = 0, 0, 0.0
-    if resume_from is not None:
-        state = rt.load_checkpoint(resume_from, model, optimizer)
-        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
-        sampler.load_state_dict(state["data"])
+    if under_torchrun():
+        from .distributed_runtime import Distributed
+
+        return Distributed(args)
+    return SingleProcess(args)
+
+
+class Trainer:
+    """One training run in its run folder, on the runtime's rank(s)."""
+
+    def __init__(self, config: ModelConfig, args: TrainArgs, runtime: Runtime):
+        self.config, self.args, self.rt = config, args, runtime
+        self.device = runtime.device(args.device)
+        if args.compile and self.device.type == "cpu" and config.moe is not None and config.moe.backend == "torch":
+            raise ValueError("--compile on CPU needs 'backend: eager' under moe: in the config (torch's "
+                             "grouped_mm compiles only in bf16, which CUDA training uses)")
+        self.run_dir, resume_from, continuing = locate_run(config.name, args.out, args.resume, args.overwrite)
+        # Everything that can fail on bad input happens before the run folder is touched.
+        self._load_data()
+        # The seed right before the model: the initial weights depend on nothing before it.
+        torch.manual_seed(args.seed)
+        model = build_model(config, self.device)
+        self.params = sum(p.numel() for p in model.parameters())
+        self.model = runtime.wrap(model)
+        self.optimizer = build_optimizer(self.model, args)
+        self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        if resume_from is not None:
+            self._resume(resume_from)
+        self._prepare_run_dir(continuing)
+        self.forward = torch.compile(self.model) if args.compile else self.model
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.tokens_per_step = args.batch_size * self.seq_len * args.grad_accum * runtime.world_size
+        self.plots: list[Path] = []
+
+    def _load_data(self) -> None:
+        args, rt = self.args, self.rt
+        self.corpus = load_corpus(args.data, args.token_dtype)
+        check_vocab(self.corpus, self.config.vocab_size)
+        self.seq_len = args.seq_len or self.config.max_seq_len
+        train_ranges, val_ranges = split_ranges(len(self.corpus.tokens), args.val_fraction)
+        self.sampler = BatchSampler(TokenView(self.corpus.tokens, train_ranges), args.batch_size, self.seq_len,
+                                    args.seed, rt.rank, rt.world_size)
+        # One validation set for any number of ranks: each evaluates its rows of every batch.
+        mine = slice(rt.rank * args.batch_size, (rt.rank + 1) * args.batch_size)
+        self.val_set = [(x_BS[mine], y_BS[mine]) for x_BS, y_BS in eval_batches(
+            TokenView(self.corpus.tokens, val_ranges), args.batch_size * rt.world_size, self.seq_len,
+            args.eval_batches)]
+
+    def _resume(self, path: Path) -> None:
+        state = self.rt.load_checkpoint(path, self.model, self.optimizer)
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed_s"]
+        self.sampler.load_state_dict(state["data"])
         set_rng_state(state["rng"])
-    rt.barrier()  # every rank has checked the run folder before rank 0 changes it
-    if rt.is_main:
-        if args.overwrite and not continuing:
-            clear_run_dir(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    if rt.is_main and not continuing:
-        record = {"config": config.to_dict(), "args": dataclasses.asdict(args), "data": corpus.source,
-                  "params": params, "torch": torch.__version__, "device": str(device),
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S"), **rt.describe()}
-        checkpoint.write_atomic(run_dir / "run.json", json.dumps(record, indent=2).encode())
-    log = metrics.MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step) if rt.is_main else None
-    forward = torch.compile(model) if args.compile else model
-    ckpt_root = run_dir / "checkpoints"
 
-    tokens_per_step = args.batch_size * seq_len * args.grad_accum * rt.world_size
-    last = min(args.steps, args.stop_at or args.steps)
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step whose loss was not finite
-    t0, elapsed0 = time.perf_counter(), elapsed
-    clock = lambda: elapsed0 + time.perf_counter() - t0  # noqa: E731
-    t_row, tokens_row, paused = clock(), tokens, 0.0  # throughput excludes eval and save time
+    def _prepare_run_dir(self, continuing: bool) -> None:
+        """Rank 0 clears (--overwrite) or creates the run folder and, for a new run, writes run.json."""
+        self.rt.barrier()  # every rank has checked the run folder before rank 0 changes it
+        if not self.rt.is_main:
+            return
+        if self.args.overwrite and not continuing:
+            clear_run_dir(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not continuing:
+            record = {"config": self.config.to_dict(), "args": dataclasses.asdict(self.args),
+                      "data": self.corpus.source, "params": self.params, "torch": torch.__version__,
+                      "device": str(self.device), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      **self.rt.describe()}
+            write_atomic(self.run_dir / "run.json", json.dumps(record, indent=2).encode())
 
-    def check_finite() -> None:
-        bad = int(bad_step)  # host sync, on log / eval / save steps only
+    # ----------------------------------------------------------------------- the loop
+
+    def fit(self) -> None:
+        """Train up to --steps (or --stop-at, or --time-limit), then draw the plots."""
+        args, rt = self.args, self.rt
+        # A resumed run drops the rows logged after its checkpoint (see MetricsLog).
+        self.log = (metrics.MetricsLog(self.run_dir / "metrics.jsonl", keep_until_step=self.step)
+                    if rt.is_main else None)
+        last = min(args.steps, args.stop_at or args.steps)
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
+        self._t0, self._elapsed0 = time.perf_counter(), self.elapsed
+        # Throughput rows exclude the time spent evaluating and saving (`_paused`).
+        self._t_row, self._tokens_row, self._paused = self._clock(), self.tokens, 0.0
+        bar = tqdm(total=args.steps, initial=self.step, desc=self.config.name,
+                   disable=not (args.progress and rt.is_main), dynamic_ncols=True, unit="step")
+        try:
+            if self.step == 0:
+                self._evaluate()
+            while self.step < last:
+                out = self._train_step()
+                bar.update(1)
+                stop = self.step == last or (args.time_limit is not None
+                                             and rt.any(self._clock() - self._elapsed0 > args.time_limit))
+                if self.step % args.log_every == 0 or stop:
+                    self._check_finite()
+                    row = self._log_row(out)
+                    bar.set_postfix_str(f"loss {row['loss']:.3f}  {row['tokens_per_s']:,.0f} tok/s  drop "
+                                        f"{row['drop_rate']:.1%}  load max/mean {row['load_max_mean']:.2f}")
+                t_pause = self._clock()
+                if self.step % args.eval_every == 0 or stop:
+                    self._check_finite()
+                    self._evaluate()
+                if self.step % args.save_every == 0 or stop:
+                    self._check_finite()
+                    self._save()
+                self._paused += self._clock() - t_pause
+                if stop:
+                    break
+        finally:
+            bar.close()
+            if self.log:
+                self.log.close()
+        rt.barrier()  # rank 0 has written metrics.jsonl
+        self.plots = _draw_plots(self.run_dir) if args.plots and rt.is_main else []
+
+    def _clock(self) -> float:
+        """Training wall time so far, the time before a resume included."""
+        return self._elapsed0 + time.perf_counter() - self._t0
+
+    def _train_step(self) -> dict[str, Tensor]:
+        """The next step: its learning rate, train_step on every rank, and a note if its loss is not finite."""
+        self.step += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.args)
+        out = self.rt.reduce_step(train_step(self.model, self.forward, self.optimizer, self.sampler, self.args,
+                                             self.device, self.rt.clip_gradients))
+        self.tokens += self.tokens_per_step
+        finite = torch.isfinite(out["loss"] + out["aux_loss"])
+        self._bad_step = torch.where((self._bad_step < 0) & ~finite, self.step, self._bad_step)
+        return out
+
+    def _check_finite(self) -> None:
+        bad = int(self._bad_step)  # host sync, on log / eval / save steps only
         if bad >= 0:
-            kept = checkpoint.checkpoint_dirs(ckpt_root)
+            kept = checkpoint.checkpoint_dirs(self.ckpt_root)
             raise TrainingDiverged(f"loss became nan or inf at step {bad}; stopped. The last good checkpoint "
                                    f"is {kept[-1] if kept else 'none (none was saved)'}")
 
-    def eval_row() -> None:
-        val = rt.evaluate(forward, val_set, device)
-        if log:
-            log.write({"kind": "eval", "step": step, "tokens": tokens, "elapsed_s": round(clock(), 3),
-                       "val_loss": val, "val_bpb": metrics.bits(val) if corpus.is_bytes else None})
+    def _log_row(self, out: dict[str, Tensor]) -> dict[str, Any]:
+        """The step's train row (metrics.py), written by rank 0; returns it."""
+        layers = moe_stats(self.model)
+        now = self._clock()
+        row = {"kind": "train", "step": self.step, "tokens": self.tokens, "elapsed_s": round(now, 3),
+               "lr": self.optimizer.param_groups[0]["lr"], **{k: float(v) for k, v in out.items()},
+               "tokens_per_s": (self.tokens - self._tokens_row) / max(now - self._t_row - self._paused, 1e-9),
+               "drop_rate": sum(r["drop_rate"] for r in layers) / len(layers) if layers else 0.0,
+               "load_max_mean": max((max(r["load"]) * len(r["load"]) for r in layers), default=1.0),
+               "layers": layers}
+        if self.log:
+            self.log.write(row)
+        self._t_row, self._tokens_row, self._paused = now, self.tokens, 0.0
+        return row
 
-    def save() -> None:
-        state = {"tokens": tokens, "elapsed_s": clock(), "data": sampler.state_dict(), "rng": rng_state(),
-                 "args": dataclasses.asdict(args)}
-        rt.save_checkpoint(ckpt_root, step, model, optimizer, state, args.keep_last)
+    def _evaluate(self) -> None:
+        """Validation loss on the fixed set; an eval row."""
+        val = self.rt.evaluate(self.forward, self.val_set, self.device)
+        if self.log:
+            self.log.write({"kind": "eval", "step": self.step, "tokens": self.tokens,
+                            "elapsed_s": round(self._clock(), 3), "val_loss": val,
+                            "val_bpb": metrics.bits(val) if self.corpus.is_bytes else None})
 
-    bar = tqdm(total=args.steps, initial=step, desc=config.name, disable=not (args.progress and rt.is_main),
-               dynamic_ncols=True, unit="step")
-    try:
-        if step == 0:
-            eval_row()
-        while step < last:
-            step += 1
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args)
-            out = rt.reduce_step(train_step(model, forward, optimizer, sampler, args, device, rt.clip_gradients))
-            tokens += tokens_per_step
-            bar.update(1)
-            finite = torch.isfinite(out["loss"] + out["aux_loss"])
-            bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
-            stop = step == last or (args.time_limit is not None and rt.any(clock() - elapsed0 > args.time_limit))
-            if step % args.log_every == 0 or stop:
-                check_finite()
-                layers = moe_stats(model)
-                now = clock()
-                row = {"kind": "train", "step": step, "tokens": tokens, "elapsed_s": round(now, 3),
-                       "lr": optimizer.param_groups[0]["lr"], **{k: float(v) for k, v in out.items()},
-                       "tokens_per_s": (tokens - tokens_row) / max(now - t_row - paused, 1e-9),
-                       "drop_rate": sum(r["drop_rate"] for r in layers) / len(layers) if layers else 0.0,
-                       "load_max_mean": max((max(r["load"]) * len(r["load"]) for r in layers), default=1.0),
-                       "layers": layers}
-                if log:
-                    log.write(row)
-                t_row, tokens_row, paused = now, tokens, 0.0
-                bar.set_postfix_str(f"loss {row['loss']:.3f}  {row['tokens_per_s']:,.0f} tok/s  "
-                                    f"drop {row['drop_rate']:.1%}  load max/mean {row['load_max_mean']:.2f}")
-            t_pause = clock()
-            if step % args.eval_every == 0 or stop:
-                check_finite()
-                eval_row()
-            if step % args.save_every == 0 or stop:
-                check_finite()
-                save()
-            paused += clock() - t_pause
-            if stop:
-                break
-    finally:
-        bar.close()
-        if log:
-            log.close()
+    def _save(self) -> None:
+        state = {"tokens": self.tokens, "elapsed_s": self._clock(), "data": self.sampler.state_dict(),
+                 "rng": rng_state(), "args": dataclasses.asdict(self.args)}
+        self.rt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state, self.args.keep_last)
 
-    rt.barrier()  # rank 0 has written metrics.jsonl
-    rows = metrics.read_rows(run_dir / "metrics.jsonl")
-    plots = _draw_plots(run_dir) if args.plots and rt.is_main else []
-    first, final = metrics.eval_endpoints(rows)
-    train_rows = [r for r in rows if r["kind"] == "train"]
-    speeds = sorted(r["tokens_per_s"] for r in train_rows)
-    kept = checkpoint.checkpoint_dirs(ckpt_root)
-    return {
-        "run_dir": str(run_dir), "step": step, "tokens": tokens, "params": params,
-        "loss": train_rows[-1]["loss"] if train_rows else None,
-        "val_loss_start": first and first["val_loss"], "val_loss": final and final["val_loss"],
-        "val_bpb_start": first and first["val_bpb"], "val_bpb": final and final["val_bpb"],
-        "tokens_per_s": speeds[len(speeds) // 2] if speeds else None, "elapsed_s": clock(),
-        "drop_rate": train_rows[-1]["drop_rate"] if train_rows else None, "load": metrics.final_load(rows),
-        "checkpoint": str(kept[-1]) if kept else None, "metrics": str(run_dir / "metrics.jsonl"),
-        "plots": [str(p) for p in plots],
-    }
+    # ----------------------------------------------------------------------- after the loop
+
+    def summary(self) -> dict[str, Any]:
+        """What `run` returns (see there), from metrics.jsonl and the checkpoints; after fit()."""
+        rows = metrics.read_rows(self.run_dir / "metrics.jsonl")
+        first, final = metrics.eval_endpoints(rows)
+        train_rows = [r for r in rows if r["kind"] == "train"]
+        speeds = sorted(r["tokens_per_s"] for r in train_rows)
+        kept = checkpoint.checkpoint_dirs(self.ckpt_root)
+        return {
+            "run_dir": str(self.run_dir), "step": self.step, "tokens": self.tokens, "params": self.params,
+            "loss": train_rows[-1]["loss"] if train_rows else None,
+            "val_loss_start": first and first["val_loss"], "val_loss": final and final["val_loss"],
+            "val_bpb_start": first and first["val_bpb"], "val_bpb": final and final["val_bpb"],
+            "tokens_per_s": speeds[len(speeds) // 2] if speeds else None, "elapsed_s": self._clock(),
+            "drop_rate": train_rows[-1]["drop_rate"] if train_rows else None, "load": metrics.final_load(rows),
+            "checkpoint": str(kept[-1]) if kept else None, "metrics": str(self.run_dir / "metrics.jsonl"),
+            "plots": [str(p) for p in self.plots],
+        }
 
 
 def _draw_plots(run_dir: Path) -> list[Path]:

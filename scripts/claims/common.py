@@ -20,7 +20,7 @@ from tqdm import tqdm
 from moe import ModelConfig
 from moe.train.data import load_corpus
 from moe.train.metrics import read_rows
-from moe.train.trainer import TrainArgs, run
+from moe.train import TrainArgs, run
 
 REPO = Path(__file__).resolve().parents[2]
 VERDICTS = ("reproduced", "not reproduced", "not measurable at this scale")

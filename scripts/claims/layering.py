@@ -3,7 +3,7 @@ all-MoE for 1.2% worse quality".
 
 All plans have 12 layers and the same active parameters per token: a dense layer's FFN is
 sized (`matched_dense_ffn`) so that it touches as many weights per token as an MoE layer's
-router + top-k routed experts + shared expert; `moe.flops.count` checks it. Plans then differ
+router + top-k routed experts + shared expert; `moe.perf.flops.count` checks it. Plans then differ
 only in which layers route and in their total parameters. Throughput is timed in interleaved
 rounds (every plan once per round, order rotated) so that the other work on a shared machine
 hits all plans alike; validation loss is compared at equal steps over several seeds.
@@ -24,7 +24,8 @@ from moe.train.data import BatchSampler, TokenView, load_corpus, split_ranges
 from moe.perf.flops import count
 from moe.model import layer_plan
 from moe.device import pick_device
-from moe.train.trainer import TrainArgs, build_model, build_optimizer, train_step
+from moe.train.args import TrainArgs
+from moe.train.step import build_model, build_optimizer, train_step
 
 from .common import REPO, Setup, eval_curve, quantiles, replace_moe, train
 

@@ -166,7 +166,7 @@ def layering_section(n: dict[str, Any]) -> list[str]:
         f"({_config_line(n['config'])}, zero-mean bias balancing, dropless). Each dense layer's FFN is "
         f"{n['dense_ffn']} wide so that it has the active parameters of an MoE layer (router + top-k experts + "
         f"shared expert): every plan has the same active parameters to within {n['active_spread']:.2%} "
-        f"(`moe.flops.count`), so the same FLOPs per token. Throughput: {t['rounds']} interleaved rounds, each "
+        f"(`moe.perf.flops.count`), so the same FLOPs per token. Throughput: {t['rounds']} interleaved rounds, each "
         f"timing every plan for {t['steps_per_sample']} training steps of {t['tokens_per_step']:,} tokens, the "
         f"order rotated every round; speedups are paired within a round, so slow spells of the shared machine "
         f"hit both sides. Quality: {', '.join(trained)} trained with {seeds} seed{'s' if seeds > 1 else ''} "

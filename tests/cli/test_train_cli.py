@@ -100,6 +100,7 @@ def test_generate_bad_inputs(setup, capsys, tmp_path):
     assert "step_00000003/model.safetensors: contents differ from the checksum" in err and "truncated or corrupt" in err
 
 
+@pytest.mark.slow
 def test_the_console_entry_point_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "moe", "train", "--config", str(tmp_path / "missing.yaml")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -84,8 +84,8 @@ def check_gradients(layer: MoE, ref: MoE, ctx, msg: str) -> None:
         want = ref_grads[pname].grad
         if pname.startswith("experts."):
             if ctx.ep > 1:  # this rank's experts; already the mean over the EP group
-                first = layer.ep.first_expert
-                want = want[first:first + layer.ep.num_local]
+                first = layer.dispatcher.first_expert
+                want = want[first:first + layer.dispatcher.num_local]
             group, size = ctx.mesh.get_group("dp"), ctx.dp
             if ctx.ep == 1:
                 group, size = ctx.world_group, ctx.world_size

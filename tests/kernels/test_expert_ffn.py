@@ -70,6 +70,7 @@ def test_matches_reference_with_drops_and_empty_expert(activation, dtype):
     assert torch.equal(dw_out[1], torch.zeros_like(dw_out[1]))
 
 
+@pytest.mark.slow
 def test_dims_not_multiple_of_block():
     t, d, f, e, k = 10, 100, 37, 3, 2
     offs, row_token, row_slot = routing(t, k, e, n_dropped=0, seed=3)
@@ -112,6 +113,7 @@ def test_inference_matches_and_saves_no_preactivation():
     assert_close(y, ref, torch.float32, "y")
 
 
+@pytest.mark.slow
 def test_backward_is_deterministic():
     t, d, f, e, k = 16, 32, 16, 4, 4
     offs, row_token, row_slot = routing(t, k, e, n_dropped=0, seed=12)

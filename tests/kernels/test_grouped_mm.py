@@ -35,6 +35,7 @@ def _torch_grouped_mm_runs(a, b):
     return aligned and (a.device.type == "cpu" or a.dtype == torch.bfloat16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_and_gradients(case, dtype):

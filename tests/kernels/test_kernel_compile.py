@@ -4,6 +4,7 @@ aot_eager runs the fake implementations and AOT autograd's graph capture (what
 inductor sees) without generating code, so it works on CPU under the interpreter.
 """
 
+import pytest
 import torch
 from kernel_testing import DEVICE
 
@@ -20,6 +21,7 @@ def _layer(x, w_in, w_out, offs, row_token, row_slot, topk_w, w_proj):
     return kernels.grouped_mm(y, w_proj, one_group)
 
 
+@pytest.mark.slow
 def test_fullgraph_compile_matches_eager():
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)

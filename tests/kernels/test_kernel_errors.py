@@ -93,6 +93,7 @@ def _run_python(code: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_without_triton_the_references_still_work():
     code = ("import sys; sys.modules['triton'] = None  # as if triton were not installed\n"
             "import torch, kernels\n"
@@ -110,6 +111,7 @@ def test_without_triton_the_references_still_work():
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_cpu_without_interpreter_refuses_clearly():
     """Without TRITON_INTERPRET the kernels are compiled for GPUs: CPU tensors are refused with the fix."""
     code = ("import torch, kernels\n"

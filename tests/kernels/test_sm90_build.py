@@ -135,6 +135,7 @@ def build_all() -> list[str]:
         return list(pool.map(build, variants()))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests launch the kernels for real")
 @pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="no CUDA backend in triton")
 def test_every_kernel_builds_for_sm90():

@@ -64,6 +64,7 @@ def test_inspect_prints_the_deepseek_v3_figures(capsys):
     assert "671.03 B" in table and "61 (3 dense, 58 MoE)" in table
 
 
+@pytest.mark.slow
 def test_every_shipped_config_loads_and_inspects(capsys):
     for path in sorted(CONFIGS.rglob("*.yaml")):
         assert main(["inspect", str(path), "--json"]) == 0, path

@@ -42,6 +42,7 @@ def quick(tmp_path_factory):
     return tmp_path, json.loads((docs / "claims" / "claims.json").read_text()), (docs / "claims.md").read_text()
 
 
+@pytest.mark.slow
 def test_page_has_every_section_plot_and_verdict(quick):
     tmp_path, result, page = quick
     assert page.startswith("# The seed article's MoE claims") and "QUICK MODE" in page
@@ -59,6 +60,7 @@ def test_page_has_every_section_plot_and_verdict(quick):
         assert f"**Verdict: {label}.**" in page
 
 
+@pytest.mark.slow
 def test_verdicts_follow_the_stated_rules(quick):
     _, result, _ = quick
     claims = result["claims"]
@@ -67,6 +69,7 @@ def test_verdicts_follow_the_stated_rules(quick):
     assert claims["capacity"]["verdict"]["label"] == capacity_rule(claims["capacity"])
 
 
+@pytest.mark.slow
 def test_numbers_come_from_the_runs(quick):
     tmp_path, result, _ = quick
     runs = tmp_path / "runs"
@@ -93,6 +96,7 @@ def test_numbers_come_from_the_runs(quick):
     assert all(len(p["tokens_per_s"]) == result["claims"]["layering"]["timing"]["rounds"] for p in plans.values())
 
 
+@pytest.mark.slow
 def test_report_only_rewrites_the_same_page_from_the_json(quick, tmp_path):
     quick_dir, _, page = quick
     docs = tmp_path / "docs"
@@ -104,6 +108,7 @@ def test_report_only_rewrites_the_same_page_from_the_json(quick, tmp_path):
     assert (docs / "claims" / "layering.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_report_only_without_json_is_a_one_line_error(tmp_path):
     proc = run_script("--report-only", tmp_path=tmp_path)
     assert proc.returncode == 2

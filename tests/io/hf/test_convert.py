@@ -43,7 +43,7 @@ def test_hf_to_hf_in_bf16_with_shards_and_progress(tmp_path, capsys):
 
 
 def test_hf_to_ours_and_back_is_exact(tmp_path):
-    pytest.importorskip("moe.io.checkpoint", reason="our own checkpoint format (moe/checkpoint.py) is not here")
+    pytest.importorskip("moe.io.checkpoint", reason="our own checkpoint format (moe/io/checkpoint.py) is not here")
     model = hf_folder(tmp_path / "hf")
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours"), "--no-progress"]) == 0
     assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back"), "--no-progress"]) == 0

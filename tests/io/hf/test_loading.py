@@ -236,6 +236,7 @@ print(before * 1024, kib("VmHWM") * 1024, weights)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak RSS from /proc (Linux)")
 def test_loading_makes_no_second_copy_of_the_weights(tmp_path):
     """A loader that materialises the checkpoint and then copies it into the model peaks at twice
