@@ -1,7 +1,8 @@
 """Attention: grouped-query attention (GQA) and DeepSeek-V3's multi-head latent attention
 (MLA), both through `scaled_dot_product_attention`, both with a KV cache for decoding.
 
-Legend: B = batch, T = new tokens, S = cached + new tokens, D = hidden size, H = query heads,
+Legend: B = sequences, N = tokens this call adds per sequence (all of them in training),
+S = the positions keys cover per sequence (cached + new), D = hidden size, H = query heads,
 Hkv = key/value heads, Dh = head dim, C = MLA's compressed KV rank (kv_lora_rank),
 Dn / Dr / Dv = MLA's no-RoPE q/k dims, RoPE q/k dims, value dims.
 
@@ -38,16 +39,16 @@ class KVCache:
         return full
 
 
-def attend(q_BHTd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, scale: float) -> Tensor:
+def attend(q_BHNd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, scale: float) -> Tensor:
     """Causal attention of T new queries over S keys, the last T of which are the new tokens."""
-    T, S = q_BHTd.shape[-2], k_BHSd.shape[-2]
+    N, S = q_BHNd.shape[-2], k_BHSd.shape[-2]
     mask, causal = None, False
-    if T == S:
+    if N == S:
         causal = True
-    elif T > 1:  # a chunk after a cached prefix: query i sees keys 0..S-T+i
-        mask = torch.arange(S, device=q_BHTd.device)[None, :] <= torch.arange(T, device=q_BHTd.device)[:, None] + S - T
-    return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=mask, is_causal=causal,
-                                          scale=scale, enable_gqa=k_BHSd.shape[1] != q_BHTd.shape[1])
+    elif N > 1:  # a chunk after a cached prefix: query i sees keys 0..S-N+i
+        mask = torch.arange(S, device=q_BHNd.device)[None, :] <= torch.arange(N, device=q_BHNd.device)[:, None] + S - N
+    return F.scaled_dot_product_attention(q_BHNd, k_BHSd, v_BHSd, attn_mask=mask, is_causal=causal,
+                                          scale=scale, enable_gqa=k_BHSd.shape[1] != q_BHNd.shape[1])
 
 
 class Attention(nn.Module):
@@ -69,19 +70,19 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.rotary = Rotary(config.rotary_dim, config.rope_theta, config.rope_interleave, config.rope_scaling)
 
-    def forward(self, x_BTD: Tensor, positions_T: Tensor, cache: KVCache | None = None) -> Tensor:
-        B, T, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).view(B, T, self.H, self.Dh).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x_BTD).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = self.v_proj(x_BTD).view(B, T, self.Hkv, self.Dh).transpose(1, 2)
+    def forward(self, x_BND: Tensor, positions_N: Tensor, cache: KVCache | None = None) -> Tensor:
+        B, N, _ = x_BND.shape
+        q = self.q_proj(x_BND).view(B, N, self.H, self.Dh).transpose(1, 2)  # [B, H, N, Dh]
+        k = self.k_proj(x_BND).view(B, N, self.Hkv, self.Dh).transpose(1, 2)  # [B, Hkv, N, Dh]
+        v = self.v_proj(x_BND).view(B, N, self.Hkv, self.Dh).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rotary.angles(positions_T)
+        cos, sin = self.rotary.angles(positions_N)
         q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attend(q, k, v, scale=self.Dh**-0.5)  # [B, H, T, Dh]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.Dh))
+        out = attend(q, k, v, scale=self.Dh**-0.5)  # [B, H, N, Dh]
+        return self.o_proj(out.transpose(1, 2).reshape(B, N, self.H * self.Dh))
 
 
 class MLAttention(nn.Module):
@@ -112,19 +113,19 @@ class MLAttention(nn.Module):
         if scaling.get("mscale_all_dim"):  # DeepSeek-V3 with YaRN: sharper softmax for the longer context
             self.scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
 
-    def forward(self, x_BTD: Tensor, positions_T: Tensor, cache: KVCache | None = None) -> Tensor:
-        B, T, _ = x_BTD.shape
+    def forward(self, x_BND: Tensor, positions_N: Tensor, cache: KVCache | None = None) -> Tensor:
+        B, N, _ = x_BND.shape
         if hasattr(self, "q_proj"):
-            q = self.q_proj(x_BTD)
+            q = self.q_proj(x_BND)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        q = q.view(B, T, self.H, self.Dn + self.Dr).transpose(1, 2)  # [B, H, T, Dn+Dr]
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BND)))
+        q = q.view(B, N, self.H, self.Dn + self.Dr).transpose(1, 2)  # [B, H, N, Dn+Dr]
         q_nope, q_rope = q.split((self.Dn, self.Dr), dim=-1)
 
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x_BTD).split((self.C, self.Dr), dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)  # [B, T, C]
-        k_rope = k_rope.view(B, 1, T, self.Dr)  # one RoPE key shared by all heads
-        cos, sin = self.rotary.angles(positions_T)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x_BND).split((self.C, self.Dr), dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # [B, N, C]
+        k_rope = k_rope.view(B, 1, N, self.Dr)  # one RoPE key shared by all heads
+        cos, sin = self.rotary.angles(positions_N)
         q_rope, k_rope = self.rotary(q_rope, cos, sin), self.rotary(k_rope, cos, sin)
         if cache is not None:
             c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
@@ -134,5 +135,5 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split((self.Dn, self.Dv), dim=-1)  # [B, H, S, Dn], [B, H, S, Dv]
         k = torch.cat((k_nope, k_rope.expand(B, self.H, S, self.Dr)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
-        out = attend(q, k, v, scale=self.scale)  # [B, H, T, Dv]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.Dv))
+        out = attend(q, k, v, scale=self.scale)  # [B, H, N, Dv]
+        return self.o_proj(out.transpose(1, 2).reshape(B, N, self.H * self.Dv))

@@ -25,10 +25,10 @@ from .config import MoEConfig
 from .router import Routing
 
 
-def expert_counts(idx_NA: Tensor, num_experts: int) -> Tensor:
+def expert_counts(idx_BA: Tensor, num_experts: int) -> Tensor:
     """Per row of expert ids [N, A], how many point at each expert: [N, E] float."""
-    counts_NE = torch.zeros(idx_NA.shape[0], num_experts, device=idx_NA.device)
-    return counts_NE.scatter_add_(1, idx_NA, torch.ones_like(idx_NA, dtype=counts_NE.dtype))
+    counts_BE = torch.zeros(idx_BA.shape[0], num_experts, device=idx_BA.device)
+    return counts_BE.scatter_add_(1, idx_BA, torch.ones_like(idx_BA, dtype=counts_BE.dtype))
 
 
 def switch_aux_loss(probs_TE: Tensor, topk_idx_TK: Tensor) -> Tensor:

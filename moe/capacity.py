@@ -1,17 +1,17 @@
 """Capacity: how many assignments each expert may take in one batch.
 
-Legend: T = tokens, K = top-k, E = experts, A = T*K assignments.
+Legend: T = tokens, K = top-k, E = experts, A = T*K assignments, C = slots per expert (static).
 
 - dropless (`capacity_factor: null`): no limit, nothing is dropped.
 - static: every expert gets C = ceil(factor * T * K / E) slots (Switch / GShard). Skewed
   routing overflows the popular experts while slots of the idle ones go unused.
-- dynamic: the same total budget S = E * C slots, split per batch according to the observed
+- dynamic: the same total budget of E * C slots, split per batch according to the observed
   load by water-filling: every expert gets min(load_e, tau), with tau the largest level
-  whose total fits in S; the few slots left over go one each to the overloaded experts in
+  whose total fits in E * C; the few slots left over go one each to the overloaded experts in
   expert order. Only load above the water level is dropped, so for the same memory
-  (S rows of expert buffer) dynamic never drops more than static, and drops nothing at
-  all when factor >= 1 (S >= A). This is the grouped-GEMM view of capacity: the buffer is
-  one [S, D] block whose split between experts (the offsets) is free to change per batch.
+  (E * C rows of expert buffer) dynamic never drops more than static, and drops nothing at
+  all when factor >= 1 (E * C >= A). This is the grouped-GEMM view of capacity: the buffer is
+  one [E * C, D] block whose split between experts (the offsets) is free to change per batch.
 
 Which assignments are dropped is decided in `dispatch.plan_dispatch`: first choices before
 second choices, earlier tokens first. Capacities are device tensors: no host sync.

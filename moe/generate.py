@@ -1,6 +1,6 @@
 """Sampling with the KV cache (the command line is `moe generate`, moe/cli/generate.py).
 
-Legend: B = batch, P = prompt tokens, N = new tokens, V = vocab size.
+Legend: B = sequences, S = prompt tokens, N = new tokens, V = vocab size.
 
 The prompt is read once (prefill), then each new token costs one single-token forward that
 attends over the cached keys and values (GQA: k, v per layer; MLA: the compressed latent).
@@ -31,22 +31,22 @@ def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None,
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompt_BP: Tensor, max_new_tokens: int, temperature: float = 1.0,
+def generate(model: Transformer, prompt_BS: Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None,
              return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """Prompt [B, P] -> prompt + continuation [B, P + N]; with return_logits also the logits
+    """Prompt [B, S] -> prompt + continuation [B, S + N]; with return_logits also the logits
     [B, N, V] each new token was drawn from."""
     vocab = model.config.vocab_size
-    if prompt_BP.dim() != 2 or prompt_BP.shape[1] == 0:
-        raise ValueError(f"the prompt must be [batch, tokens] with at least one token, got {tuple(prompt_BP.shape)}")
-    if prompt_BP.min() < 0 or prompt_BP.max() >= vocab:
-        bad = prompt_BP[(prompt_BP < 0) | (prompt_BP >= vocab)][0]
+    if prompt_BS.dim() != 2 or prompt_BS.shape[1] == 0:
+        raise ValueError(f"the prompt must be [batch, tokens] with at least one token, got {tuple(prompt_BS.shape)}")
+    if prompt_BS.min() < 0 or prompt_BS.max() >= vocab:
+        bad = prompt_BS[(prompt_BS < 0) | (prompt_BS >= vocab)][0]
         raise ValueError(f"prompt token id {int(bad)} is outside the vocabulary (vocab_size {vocab})")
     if temperature < 0 or (top_k is not None and top_k <= 0):
         raise ValueError(f"temperature must be >= 0 and top_k positive, got {temperature}, {top_k}")
     model.eval()
     window = model.config.max_seq_len
-    ids_BS = prompt_BP.to(model.lm_head.weight.device)
+    ids_BS = prompt_BS.to(model.lm_head.weight.device)
     cache = model.new_cache()
     logits_BV = model(ids_BS[:, -window:], cache)[:, -1]
     seen = []

@@ -1,9 +1,10 @@
 """The decoder: embeddings -> blocks (attention + dense MLP or MoE FFN) -> norm -> logits.
 
-Legend: B = batch, T = tokens, D = hidden size, V = vocab size, L = layers.
+Legend: B = sequences, S = tokens per sequence (with a KV cache: the new ones), D = hidden size,
+V = vocab size, L = layers.
 
     model = Transformer(load_config("configs/tiny.yaml"))
-    logits = model(input_ids)                  # [B, T] -> [B, T, V]
+    logits = model(input_ids)                  # [B, S] -> [B, S, V]
     loss = cross_entropy(logits, targets) + model.aux_loss()
     loss.backward(); opt.step(); update_expert_biases(model)
 """
@@ -54,9 +55,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(D, config.norm_eps)
         self.ffn = MoE(config.moe, D) if use_moe else MLP(D, config.ffn_size)
 
-    def forward(self, x_BTD: Tensor, positions_T: Tensor, cache: KVCache | None = None) -> Tensor:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_T, cache)
-        return x_BTD + self.ffn(self.ffn_norm(x_BTD))
+    def forward(self, x_BSD: Tensor, positions_S: Tensor, cache: KVCache | None = None) -> Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_S, cache)
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
 
 
 class Transformer(nn.Module):
@@ -87,17 +88,17 @@ class Transformer(nn.Module):
                 module.bias.zero_()
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits [B, T, V] for input_ids [B, T]; with a cache, the T tokens continue it."""
+        """Logits [B, S, V] for input_ids [B, S]; with a cache, the S tokens continue it."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         start = cache.seq_len if cache is not None else 0
-        positions_T = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-        x_BTD = self.embed_tokens(input_ids)
+        positions_S = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        x_BSD = self.embed_tokens(input_ids)
         for block in self.layers:
-            x_BTD = block(x_BTD, positions_T, cache)
+            x_BSD = block(x_BSD, positions_S, cache)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
-        return self.lm_head(self.norm(x_BTD))
+        return self.lm_head(self.norm(x_BSD))
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

@@ -1,11 +1,11 @@
 """Rotary position embeddings (RoPE), full or partial, in halves or interleaved pairs, with
 optional YaRN context extension.
 
-Legend: B = batch, H = heads, T = tokens, R = rotary dims (even), P = R / 2 frequency pairs.
+Legend: B = sequences, H = heads, N = positions, Dr = rotary dims (even), Fr = Dr / 2 frequency pairs.
 
-Halves (Llama, Qwen3, Mixtral, Ling 2.0): dims i and i + P form a pair.
+Halves (Llama, Qwen3, Mixtral, Ling 2.0): dims i and i + Fr form a pair.
 Interleaved (DeepSeek's MLA reference): dims 2i and 2i + 1 form a pair.
-Partial RoPE rotates only the first R dims of each head and passes the rest through
+Partial RoPE rotates only the first Dr dims of each head and passes the rest through
 (Ling 2.0 rotates half of each 128-dim head).
 
 YaRN (arXiv 2309.00071; DeepSeek-V3 ships with it, Qwen3 and Ling 2.0 recommend it past
@@ -28,10 +28,10 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def rope_frequencies(rotary_dim: int, theta: float, scaling: dict | None = None) -> tuple[Tensor, float]:
-    """inv_freq [P] (fp32) and the factor that multiplies cos and sin (1.0 without YaRN)."""
-    inv_freq_P = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+    """inv_freq [Fr] (fp32) and the factor that multiplies cos and sin (1.0 without YaRN)."""
+    inv_freq_Fr = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
     if scaling is None:
-        return inv_freq_P, 1.0
+        return inv_freq_Fr, 1.0
     factor = scaling["factor"]
     original_len = scaling["original_max_position_embeddings"]
 
@@ -45,8 +45,8 @@ def rope_frequencies(rotary_dim: int, theta: float, scaling: dict | None = None)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     # 0 below `low` (fast frequencies, kept), 1 above `high` (slow ones, interpolated).
-    ramp_P = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    inv_freq_P = inv_freq_P / factor * ramp_P + inv_freq_P * (1 - ramp_P)
+    ramp_Fr = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq_Fr = inv_freq_Fr / factor * ramp_Fr + inv_freq_Fr * (1 - ramp_Fr)
 
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
@@ -55,7 +55,7 @@ def rope_frequencies(rotary_dim: int, theta: float, scaling: dict | None = None)
             attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
         else:
             attention_factor = yarn_mscale(factor)
-    return inv_freq_P, float(attention_factor)
+    return inv_freq_Fr, float(attention_factor)
 
 
 class Rotary(nn.Module):
@@ -65,8 +65,8 @@ class Rotary(nn.Module):
         self.theta = theta
         self.interleave = interleave
         self.scaling = scaling
-        inv_freq_P, self.attention_factor = rope_frequencies(rotary_dim, theta, scaling)
-        self.register_buffer("inv_freq", inv_freq_P, persistent=False)
+        inv_freq_Fr, self.attention_factor = rope_frequencies(rotary_dim, theta, scaling)
+        self.register_buffer("inv_freq", inv_freq_Fr, persistent=False)
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) casts every floating buffer, but the frequencies must stay fp32:
@@ -81,21 +81,21 @@ class Rotary(nn.Module):
         """Recompute inv_freq (fp32) on `device`, e.g. after building the model on the meta device."""
         self.inv_freq = rope_frequencies(self.rotary_dim, self.theta, self.scaling)[0].to(device)
 
-    def angles(self, positions_T: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin of each position's angles: [T] -> 2 x [T, P] (fp32)."""
-        freqs_TP = positions_T.float()[:, None] * self.inv_freq.float()[None, :]
+    def angles(self, positions_N: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin of each position's angles: [N] -> 2 x [N, Fr] (fp32)."""
+        freqs_NFr = positions_N.float()[:, None] * self.inv_freq.float()[None, :]
         if self.attention_factor == 1.0:
-            return freqs_TP.cos(), freqs_TP.sin()
-        return freqs_TP.cos() * self.attention_factor, freqs_TP.sin() * self.attention_factor
+            return freqs_NFr.cos(), freqs_NFr.sin()
+        return freqs_NFr.cos() * self.attention_factor, freqs_NFr.sin() * self.attention_factor
 
-    def forward(self, x: Tensor, cos_TP: Tensor, sin_TP: Tensor) -> Tensor:
-        """Rotate the first R dims of x [..., T, head_dim]; the rest pass through."""
-        R = self.rotary_dim
-        rot, rest = x[..., :R].float(), x[..., R:]
+    def forward(self, x: Tensor, cos_NFr: Tensor, sin_NFr: Tensor) -> Tensor:
+        """Rotate the first Dr dims of x [..., N, head_dim]; the rest pass through."""
+        Dr = self.rotary_dim
+        rot, rest = x[..., :Dr].float(), x[..., Dr:]
         if self.interleave:
             a, b = rot[..., 0::2], rot[..., 1::2]
-            rotated = torch.stack((a * cos_TP - b * sin_TP, b * cos_TP + a * sin_TP), dim=-1).flatten(-2)
+            rotated = torch.stack((a * cos_NFr - b * sin_NFr, b * cos_NFr + a * sin_NFr), dim=-1).flatten(-2)
         else:
-            a, b = rot[..., : R // 2], rot[..., R // 2 :]
-            rotated = torch.cat((a * cos_TP - b * sin_TP, b * cos_TP + a * sin_TP), dim=-1)
+            a, b = rot[..., : Dr // 2], rot[..., Dr // 2 :]
+            rotated = torch.cat((a * cos_NFr - b * sin_NFr, b * cos_NFr + a * sin_NFr), dim=-1)
         return torch.cat((rotated.to(x.dtype), rest), dim=-1)

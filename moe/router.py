@@ -1,6 +1,7 @@
 """Router: which k experts each token goes to, and with what weight.
 
-Legend: T = tokens, D = hidden size, E = experts, K = top-k, G = expert groups.
+Legend: T = tokens, D = hidden size, E = experts, K = top-k, G = expert groups, Eg = E / G experts
+per group.
 
 The same module is the Mixtral / Qwen3 gate (softmax over all experts, top-k, optional
 renormalisation) and the DeepSeek-V3 / Ling 2.0 gate (sigmoid scores, a selection-only
@@ -77,9 +78,9 @@ def limit_to_top_groups(choice_TE: Tensor, n_group: int, topk_group: int) -> Ten
     or its one score when groups hold a single expert.
     """
     T, E = choice_TE.shape
-    grouped_TGe = choice_TE.view(T, n_group, E // n_group)
+    grouped_TGEg = choice_TE.view(T, n_group, E // n_group)
     best = min(2, E // n_group)
-    group_score_TG = grouped_TGe.topk(best, dim=-1).values.sum(dim=-1)
+    group_score_TG = grouped_TGEg.topk(best, dim=-1).values.sum(dim=-1)
     keep_idx = group_score_TG.topk(topk_group, dim=-1).indices
     keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, keep_idx, True)
     keep_TE = keep_TG.repeat_interleave(E // n_group, dim=1)

@@ -1,15 +1,15 @@
 """Process groups for expert and data parallelism, set up from torchrun's environment.
 
-The world of N = dp x ep processes is a DeviceMesh of shape (dp, ep), rank = d * ep + j:
+The world of W = dp x ep processes is a DeviceMesh of shape (dp, ep), rank = d * ep + j:
 
-    N = 4, ep = 2:        ep index j = 0   j = 1
+    W = 4, ep = 2:        ep index j = 0   j = 1
          dp index d = 0:      rank 0   rank 1      one EP group: the experts split in two
          dp index d = 1:      rank 2   rank 3      another EP group, a replica of the first
 
 An EP group is `ep` consecutive ranks (one node's GPUs when ep <= GPUs per node, so the
 all-to-all stays on NVLink). Rank d * ep + j holds experts [j * E/ep, (j + 1) * E/ep); FSDP
 shards those over the dp group (ranks j, ep + j, ...), and every other parameter over all
-N ranks. Every rank reads its own tokens: the batch is all N ranks' batches, in rank order.
+W ranks. Every rank reads its own tokens: the batch is all W ranks' batches, in rank order.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Training data: the corpus, its deterministic train/validation split, and batch sampling.
 
-Legend: N = tokens in the corpus, B = sequences in a batch, S = tokens per training sequence,
-W = tokens per window (S + 1: the inputs and, shifted by one, the targets).
+Legend: B = sequences in a batch, S = tokens per training sequence, S1 = S + 1 tokens per window
+(the inputs and, shifted by one, the targets).
 
 The default corpus is the Python standard library's own source, read as bytes (vocab 256),
 so every machine has it and nothing is downloaded. Any of these replaces it:
@@ -48,7 +48,7 @@ def stdlib_files() -> list[Path]:
 
 @dataclass
 class Corpus:
-    tokens: np.ndarray  # [N] uint8 (bytes), uint16 or uint32; possibly a read-only memmap
+    tokens: np.ndarray  # [corpus length] uint8 (bytes), uint16 or uint32; possibly a read-only memmap
     source: str  # what was read, for the run record
     is_bytes: bool  # byte-level: bits per token are bits per byte
 
@@ -137,11 +137,11 @@ class TokenView:
         return self.length
 
     def windows(self, offsets_B: np.ndarray, width: int) -> Tensor:
-        """Tokens [offset, offset + width) of the virtual stream for each offset: [B, W = width] int64."""
-        virtual_BW = offsets_B[:, None] + np.arange(width, dtype=np.int64)[None, :]
-        piece_BW = np.searchsorted(self.vstarts, virtual_BW, side="right") - 1
-        real_BW = self.starts[piece_BW] + (virtual_BW - self.vstarts[piece_BW])
-        return torch.from_numpy(self.tokens[real_BW].astype(np.int64))
+        """Tokens [offset, offset + width) of the virtual stream for each offset: [B, S1 = width] int64."""
+        virtual_BS1 = offsets_B[:, None] + np.arange(width, dtype=np.int64)[None, :]
+        piece_BS1 = np.searchsorted(self.vstarts, virtual_BS1, side="right") - 1
+        real_BS1 = self.starts[piece_BS1] + (virtual_BS1 - self.vstarts[piece_BS1])
+        return torch.from_numpy(self.tokens[real_BS1].astype(np.int64))
 
 
 # --------------------------------------------------------------------------- sampling
@@ -168,8 +168,8 @@ class BatchSampler:
         rng = np.random.default_rng((self.seed, self.rank, self.position))
         offsets_B = rng.integers(self.low, self.high, size=self.batch_size, dtype=np.int64)
         self.position += 1
-        w_BW = self.view.windows(offsets_B, self.seq_len + 1)
-        return w_BW[:, :-1], w_BW[:, 1:]
+        w_BS1 = self.view.windows(offsets_B, self.seq_len + 1)
+        return w_BS1[:, :-1], w_BS1[:, 1:]
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position, "seed": self.seed, "rank": self.rank}
@@ -190,6 +190,6 @@ def eval_batches(view: TokenView, batch_size: int, seq_len: int, num_batches: in
     offsets = np.linspace(0, num_offsets - 1, batch_size * num_batches).astype(np.int64)
     batches = []
     for chunk in np.array_split(offsets, num_batches):
-        w_BW = view.windows(chunk, seq_len + 1)
-        batches.append((w_BW[:, :-1], w_BW[:, 1:]))
+        w_BS1 = view.windows(chunk, seq_len + 1)
+        batches.append((w_BS1[:, :-1], w_BS1[:, 1:]))
     return batches
