@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moe import MoE, MoEConfig  # noqa: E402
+from moe.distributed import make_context, shard_experts  # noqa: E402
 from moe.perf.results import environment, record, save
 from moe.perf.timing import measure  # noqa: E402
-from moe.distributed import make_context, shard_experts  # noqa: E402
 
 LABELS = ("moe.ep.count_exchange", "moe.ep.all_to_all", "moe.scope.gather")
 
@@ -55,8 +55,9 @@ def step(layer: MoE, x: torch.Tensor) -> None:
     (layer(x).square().mean() + layer.aux_loss).backward()
 
 
-def bench_rank(rank: int, world: int, init: str, tokens: list[int], dims: dict[str, int], reps: int,
-               out_file: str) -> None:
+def bench_rank(
+    rank: int, world: int, init: str, tokens: list[int], dims: dict[str, int], reps: int, out_file: str
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=300))
     try:
@@ -82,10 +83,13 @@ def bench_rank(rank: int, world: int, init: str, tokens: list[int], dims: dict[s
             slowest = figures(torch.stack(everyone).max(dim=0).values.tolist())
             rows.append({"tokens_per_rank": T, **slowest, "per_rank": [figures(v.tolist()) for v in everyone]})
             if rank == 0:
-                print(f"T={T:5d}: local {slowest['local_s'] * 1e3:7.2f} ms  ep {slowest['ep_s'] * 1e3:7.2f} ms  "
-                      f"overhead {slowest['overhead']:+.0%}  count exchange + all_to_all "
-                      f"{slowest['count_exchange_and_all_to_all_share']:.0%} of the EP step, all collectives "
-                      f"{slowest['collective_share']:.0%}", flush=True)
+                print(
+                    f"T={T:5d}: local {slowest['local_s'] * 1e3:7.2f} ms  ep {slowest['ep_s'] * 1e3:7.2f} ms  "
+                    f"overhead {slowest['overhead']:+.0%}  count exchange + all_to_all "
+                    f"{slowest['count_exchange_and_all_to_all_share']:.0%} of the EP step, all collectives "
+                    f"{slowest['collective_share']:.0%}",
+                    flush=True,
+                )
         if rank == 0:
             Path(out_file).write_text(json.dumps(rows))
     finally:
@@ -95,10 +99,15 @@ def bench_rank(rank: int, world: int, init: str, tokens: list[int], dims: dict[s
 def figures(values: list[float]) -> dict[str, float]:
     """One rank's figures from [local_s, ep_s, profiled step_s, seconds in each of LABELS]."""
     local_s, ep_s, step_s, *inside = values
-    return {"local_s": local_s, "ep_s": ep_s, "overhead": ep_s / local_s - 1, "profiled_step_s": step_s,
-            **{f"{label}_s": v for label, v in zip(LABELS, inside)},
-            "count_exchange_and_all_to_all_share": sum(inside[:2]) / step_s,
-            "collective_share": sum(inside) / step_s}
+    return {
+        "local_s": local_s,
+        "ep_s": ep_s,
+        "overhead": ep_s / local_s - 1,
+        "profiled_step_s": step_s,
+        **{f"{label}_s": v for label, v in zip(LABELS, inside)},
+        "count_exchange_and_all_to_all_share": sum(inside[:2]) / step_s,
+        "collective_share": sum(inside) / step_s,
+    }
 
 
 def profile_ep(layer: MoE, x: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -129,17 +138,31 @@ def main(argv: list[str] | None = None) -> int:
     dims = {"d": args.d, "ffn": args.ffn, "experts": args.experts}
     with tempfile.TemporaryDirectory() as tmp:
         out_file = str(Path(tmp) / "rows.json")
-        mp.start_processes(bench_rank, args=(args.world, f"file://{tmp}/store", args.tokens, dims, args.repeats,
-                                             out_file), nprocs=args.world, start_method="spawn")
+        mp.start_processes(
+            bench_rank,
+            args=(args.world, f"file://{tmp}/store", args.tokens, dims, args.repeats, out_file),
+            nprocs=args.world,
+            start_method="spawn",
+        )
         rows = json.loads(Path(out_file).read_text())
     env = environment(torch.device("cpu"))
-    settings = {"processes": args.world, "threads_per_process": 1, "backend": "gloo (TCP loopback)",
-                "timer": "time.perf_counter median; collective shares from torch.profiler ranges",
-                "repeats": args.repeats, "warmup": 3, "figures": "per rank, and from the max over ranks of each time",
-                "caveat": "CPU processes sharing the machine's cores; nothing here describes NCCL, NVLink "
-                          "or InfiniBand"}
-    config = {**dims, "top_k": 2, "backend": "torch", "routing": "learned router at init (near-balanced)",
-              "work": "forward + backward of one MoE layer"}
+    settings = {
+        "processes": args.world,
+        "threads_per_process": 1,
+        "backend": "gloo (TCP loopback)",
+        "timer": "time.perf_counter median; collective shares from torch.profiler ranges",
+        "repeats": args.repeats,
+        "warmup": 3,
+        "figures": "per rank, and from the max over ranks of each time",
+        "caveat": "CPU processes sharing the machine's cores; nothing here describes NCCL, NVLink or InfiniBand",
+    }
+    config = {
+        **dims,
+        "top_k": 2,
+        "backend": "torch",
+        "routing": "learned router at init (near-balanced)",
+        "work": "forward + backward of one MoE layer",
+    }
     result = record("ep_overhead", env, config, settings, {"rows": rows})
     if not args.quick:
         print(f"wrote {save(result, 'ep_overhead', args.results_dir)}")

@@ -50,20 +50,21 @@ sys.path.insert(0, str(ROOT))
 
 MODELS = {"ling-1t": {"d": 8192, "f": 2048}, "deepseek-v3": {"d": 7168, "f": 2048}}
 EXPERTS = (8, 16, 32, 64)
-ROWS = (8, 64, 512, 4096, 16384, 65536)   # decode: 1, 8, 64 tokens x top-8; then prefill/training
+ROWS = (8, 64, 512, 4096, 16384, 65536)  # decode: 1, 8, 64 tokens x top-8; then prefill/training
 QUICK = {"models": ("ling-1t",), "experts": (8, 32), "rows": (64, 4096)}
 ROUTINGS = ("balanced", "zipf")
 DEVICE, DTYPE = "cuda", torch.bfloat16
-TOP_K = 8          # routed rows per token (both models route each token to 8 experts)
-ZIPF_S = 1.2       # expert load ~ 1 / rank**s
-TOLERANCE = 1e-2   # bf16 relative error vs the fp32 reference
+TOP_K = 8  # routed rows per token (both models route each token to 8 experts)
+ZIPF_S = 1.2  # expert load ~ 1 / rank**s
+TOLERANCE = 1e-2  # bf16 relative error vs the fp32 reference
 WARMUP_MS, REP_MS = 25, 100
 
 
 def refuse_without_gpu() -> None:
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        print("bench/grouped_gemm.py needs a CUDA GPU (and TRITON_INTERPRET unset); nothing was measured",
-              file=sys.stderr)
+        print(
+            "bench/grouped_gemm.py needs a CUDA GPU (and TRITON_INTERPRET unset); nothing was measured", file=sys.stderr
+        )
         sys.exit(2)
 
 
@@ -105,7 +106,7 @@ def eager_loop(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Ten
     parts, start = [], 0
     for g, n in enumerate(counts):
         if n:
-            parts.append(a[start:start + n] @ b[g])
+            parts.append(a[start : start + n] @ b[g])
         start += n
     return torch.cat(parts)
 
@@ -116,8 +117,9 @@ def grouped_mm_case(kernels, model: str, proj: str, experts: int, rows: int, rou
     counts = group_counts(rows, experts, routing)
     offs = offsets(counts)
     flops = {"forward": 2 * rows * k * n, "backward": 4 * rows * k * n}
-    case = dict(op="grouped_mm", model=model, proj=proj, experts=experts, rows=rows, routing=routing,
-                K=k, N=n, counts=counts)
+    case = dict(
+        op="grouped_mm", model=model, proj=proj, experts=experts, rows=rows, routing=routing, K=k, N=n, counts=counts
+    )
 
     def inputs():
         a = torch.randn(rows, k, device=DEVICE, dtype=DTYPE, requires_grad=True)
@@ -158,8 +160,10 @@ def grouped_mm_case(kernels, model: str, proj: str, experts: int, rows: int, rou
                     fns = [lambda c=c: fn(c[0], c[weight]) for c in copies]
                 else:
                     graphs = [(fn(c[0], c[weight]), (c[0], c[weight]), c[3]) for c in copies]
-                    fns = [lambda o=o, leaves=leaves, dy=dy: torch.autograd.grad(o, leaves, dy, retain_graph=True)
-                           for o, leaves, dy in graphs]
+                    fns = [
+                        lambda o=o, leaves=leaves, dy=dy: torch.autograd.grad(o, leaves, dy, retain_graph=True)
+                        for o, leaves, dy in graphs
+                    ]
                 row["ms"] = median_ms(fns)
                 row["tflops"] = flops[pass_] / row["ms"] / 1e9
             results.append(row)
@@ -168,11 +172,11 @@ def grouped_mm_case(kernels, model: str, proj: str, experts: int, rows: int, rou
 
 def torch_expert_ffn(x, w_in, w_out, offs, row_token, row_slot, num_slots):
     """The unfused path of the MoE layer's "torch" backend: every step materialised."""
-    x_rows = x[row_token]                                        # [R, d] gather copy
+    x_rows = x[row_token]  # [R, d] gather copy
     gate, up = F.grouped_mm(x_rows, w_in, offs=offs).chunk(2, dim=-1)
-    h = F.silu(gate) * up                                        # [R, f]
-    y_rows = F.grouped_mm(h, w_out, offs=offs)                   # [R, d]
-    return x.new_zeros(num_slots, x.shape[1]).index_copy(0, row_slot, y_rows)   # scatter
+    h = F.silu(gate) * up  # [R, f]
+    y_rows = F.grouped_mm(h, w_out, offs=offs)  # [R, d]
+    return x.new_zeros(num_slots, x.shape[1]).index_copy(0, row_slot, y_rows)  # scatter
 
 
 def expert_ffn_case(kernels, model: str, experts: int, rows: int, routing: str) -> list[dict]:
@@ -181,8 +185,9 @@ def expert_ffn_case(kernels, model: str, experts: int, rows: int, routing: str) 
     offs = offsets(counts)
     tokens = math.ceil(rows / TOP_K)
     flops = {"forward": 6 * rows * d * f, "backward": 12 * rows * d * f}
-    case = dict(op="expert_ffn", model=model, proj="ffn", experts=experts, rows=rows, routing=routing,
-                K=d, N=f, counts=counts)
+    case = dict(
+        op="expert_ffn", model=model, proj="ffn", experts=experts, rows=rows, routing=routing, K=d, N=f, counts=counts
+    )
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     row_slot = torch.randperm(rows, device=DEVICE, generator=gen)  # row r (sorted by expert) -> its slot
     row_token = row_slot // TOP_K
@@ -204,8 +209,10 @@ def expert_ffn_case(kernels, model: str, experts: int, rows: int, routing: str) 
     for name, fn in impls.items():
         y = fn(x, w_in, w_out, *args)
         grads = torch.autograd.grad(y, (x, w_in, w_out), dy)
-        checks[name] = {"y": rel_err(y, ref), **{k: rel_err(g, r) for k, g, r in
-                                                 zip(("dx", "dw_in", "dw_out"), grads, ref_grads)}}
+        checks[name] = {
+            "y": rel_err(y, ref),
+            **{k: rel_err(g, r) for k, g, r in zip(("dx", "dw_in", "dw_out"), grads, ref_grads)},
+        }
     del ref, ref_grads, leaves, y, grads  # the fp32 reference is the largest allocation: free it before timing
     copies = [(x, w_in, w_out)] + [inputs() for _ in range(copies_for(x.nbytes + w_in.nbytes + w_out.nbytes) - 1)]
     results = []
@@ -230,15 +237,22 @@ def summary_line(row: dict) -> str:
     if "error" in row:
         return f"{row['op']:10s} {row['model']:11s} {row['case']}: {row['error']}"
     figure = f"{row['tflops']:8.1f} TFLOP/s" if row["tflops"] else f"not timed, check failed: {row['check']}"
-    return (f"{row['op']:10s} {row['model']:11s} {row['proj']:4s} E={row['experts']:<3d} M={row['rows']:<6d} "
-            f"{row['routing']:8s} {row['pass']:8s} {row['impl']:10s} {figure}")
+    return (
+        f"{row['op']:10s} {row['model']:11s} {row['proj']:4s} E={row['experts']:<3d} M={row['rows']:<6d} "
+        f"{row['routing']:8s} {row['pass']:8s} {row['impl']:10s} {figure}"
+    )
 
 
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (no git checkout)"
@@ -247,12 +261,22 @@ def git_commit() -> str:
 def environment(args) -> dict:
     import triton
 
-    return {"bench": "grouped_gemm", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-            "triton": triton.__version__, "cuda": torch.version.cuda, "commit": args.commit or git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "quick": args.quick, "dtype": "bfloat16", "top_k": TOP_K, "zipf_s": ZIPF_S, "tolerance": TOLERANCE,
-            "timing": f"triton.testing.do_bench median, warmup {WARMUP_MS} ms, rep {REP_MS} ms, "
-                      "L2 flushed per run, inputs rotated below 2x L2"}
+    return {
+        "bench": "grouped_gemm",
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "commit": args.commit or git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "dtype": "bfloat16",
+        "top_k": TOP_K,
+        "zipf_s": ZIPF_S,
+        "tolerance": TOLERANCE,
+        "timing": f"triton.testing.do_bench median, warmup {WARMUP_MS} ms, rep {REP_MS} ms, "
+        "L2 flushed per run, inputs rotated below 2x L2",
+    }
 
 
 def parse_args(argv=None):
@@ -263,10 +287,15 @@ def parse_args(argv=None):
     parser.add_argument("--commit", help="commit to record when the checkout has no .git")
     parser.add_argument("--out", type=Path, help="results directory (default bench/results/<gpu-slug>)")
     parser.add_argument("--tune", action="store_true", help="sweep tile configs and rewrite kernels/gemm_configs.json")
-    parser.add_argument("--tune-kind", action="append", choices=("rows", "swiglu_up", "dw"),
-                        help="with --tune: only these kernel kinds")
-    parser.add_argument("--table", type=Path, help="with --tune: where to write the table "
-                        "(default kernels/gemm_configs.json; on a remote GPU machine, a path under $OUT)")
+    parser.add_argument(
+        "--tune-kind", action="append", choices=("rows", "swiglu_up", "dw"), help="with --tune: only these kernel kinds"
+    )
+    parser.add_argument(
+        "--table",
+        type=Path,
+        help="with --tune: where to write the table "
+        "(default kernels/gemm_configs.json; on a remote GPU machine, a path under $OUT)",
+    )
     return parser.parse_args(argv)
 
 
@@ -298,8 +327,15 @@ def main(argv=None) -> None:
             try:
                 rows_done = run_case(kernels, model, *case_args)
             except torch.cuda.OutOfMemoryError:
-                rows_done = [{"op": run_case.__name__.removesuffix("_case"), "model": model, "case": list(case_args),
-                              "ok": False, "error": "CUDA out of memory"}]
+                rows_done = [
+                    {
+                        "op": run_case.__name__.removesuffix("_case"),
+                        "model": model,
+                        "case": list(case_args),
+                        "ok": False,
+                        "error": "CUDA out of memory",
+                    }
+                ]
             torch.cuda.empty_cache()
             for row in rows_done:
                 print(summary_line(row), flush=True)
@@ -313,8 +349,11 @@ def main(argv=None) -> None:
         print(f"wrote {png}")
     failed = [r for r in results if not r["ok"]]
     if failed:
-        print(f"{len(failed)} measurements were not taken: failed correctness check or out of memory "
-              f"(see 'check' and 'error' in the JSON)", file=sys.stderr)
+        print(
+            f"{len(failed)} measurements were not taken: failed correctness check or out of memory "
+            f"(see 'check' and 'error' in the JSON)",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

@@ -51,11 +51,21 @@ def candidates(kind: str, cls: str) -> list[dict]:
         row_tiles = {"decode": (16, 32), "small": (32, 64, 128), "large": (64, 128, 256)}[cls]
         col_tiles = (32, 64, 128) if kind == "swiglu_up" else (64, 128, 256)
         grid = itertools.product(row_tiles, col_tiles, (64, 128), (3, 4))
-        shapes = [(bm, bn, bk, st, (bm * bk + b_tiles * bk * bn) * 2 * st, b_tiles * bm * bn)
-                  for bm, bn, bk, st in grid]
-    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
-             "num_warps": 8 if acc >= 128 * 128 else 4, "num_stages": st}
-            for bm, bn, bk, st, smem, acc in shapes if smem <= SMEM_LIMIT and acc <= 256 * 128]
+        shapes = [
+            (bm, bn, bk, st, (bm * bk + b_tiles * bk * bn) * 2 * st, b_tiles * bm * bn) for bm, bn, bk, st in grid
+        ]
+    return [
+        {
+            "BLOCK_M": bm,
+            "BLOCK_N": bn,
+            "BLOCK_K": bk,
+            "GROUP_M": 8,
+            "num_warps": 8 if acc >= 128 * 128 else 4,
+            "num_stages": st,
+        }
+        for bm, bn, bk, st, smem, acc in shapes
+        if smem <= SMEM_LIMIT and acc <= 256 * 128
+    ]
 
 
 def problems(kind: str, cls: str) -> list:
@@ -88,8 +98,10 @@ def tune_class(kind: str, cls: str) -> tuple[dict, float]:
     runs = problems(kind, cls)
     current = get_config(kind, DTYPE, E * ROWS_PER_GROUP[cls], E, torch.device(DEVICE), interpret=False)
     refs = [run(current).clone() for run in runs]
-    best, best_ms = current, sum(triton.testing.do_bench(lambda r=r: r(current), warmup=5, rep=20,
-                                                         return_mode="median") for r in runs)
+    best, best_ms = (
+        current,
+        sum(triton.testing.do_bench(lambda r=r: r(current), warmup=5, rep=20, return_mode="median") for r in runs),
+    )
     for cfg in candidates(kind, cls):
         try:
             outs = [run(cfg) for run in runs]
@@ -121,10 +133,14 @@ def tune_and_write(kinds: list[str] | None, commit: str, out_path: Path = TABLE_
             entries[f"{kind}/16bit/{cls}"] = best
             tuned = sorted(set(tuned) | {f"{kind}/16bit/{cls}"})
             print(f"{kind}/16bit/{cls}: {best}  ({ms:.3f} ms on the representative problems)", flush=True)
-            provenance[section] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                                   "triton": triton.__version__, "commit": commit,
-                                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                                   "tuned": tuned}
+            provenance[section] = {
+                "device": torch.cuda.get_device_name(0),
+                "torch": torch.__version__,
+                "triton": triton.__version__,
+                "commit": commit,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "tuned": tuned,
+            }
             out_path.write_text(dump_table({**table, section: entries, "_provenance": provenance}))
             load_table.cache_clear()
     print(f"wrote {out_path} with section {section!r} tuned")

@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moe import MoE, MoEConfig  # noqa: E402
+from moe.device import pick_device  # noqa: E402
 from moe.perf.results import environment, record, save
 from moe.perf.timing import measure  # noqa: E402
-from moe.device import pick_device  # noqa: E402
 
 MODELS = {"ling-1t": 8192, "deepseek-v3": 7168}
 FFN, TOP_K = 2048, 8
@@ -49,8 +49,15 @@ EAGER_REPEATS = 3
 
 
 def build(d: int, f: int, experts: int, top_k: int, routing: str, device, dtype) -> MoE:
-    cfg = MoEConfig(num_experts=experts, top_k=top_k, expert_ffn_size=f, num_shared_experts=1,
-                    score_func="sigmoid", expert_bias=True, routed_scaling_factor=2.5)
+    cfg = MoEConfig(
+        num_experts=experts,
+        top_k=top_k,
+        expert_ffn_size=f,
+        num_shared_experts=1,
+        score_func="sigmoid",
+        expert_bias=True,
+        routed_scaling_factor=2.5,
+    )
     torch.manual_seed(0)
     layer = MoE(cfg, d).to(device=device, dtype=dtype)
     if routing == "zipf":  # a selection bias that favours low expert ids ~ log(1 / rank^1.2)
@@ -92,8 +99,9 @@ def build_like(layer: MoE, dtype) -> MoE:
     return twin.to(dtype)
 
 
-def run_case(model: str, d: int, f: int, experts: int, rows: int, top_k: int, routing: str,
-             device, dtype, backends, repeats: int) -> list[dict]:
+def run_case(
+    model: str, d: int, f: int, experts: int, rows: int, top_k: int, routing: str, device, dtype, backends, repeats: int
+) -> list[dict]:
     tokens = rows // top_k
     layer = build(d, f, experts, top_k, routing, device, dtype)
     x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
@@ -102,8 +110,7 @@ def run_case(model: str, d: int, f: int, experts: int, rows: int, top_k: int, ro
     ref = reference(layer, x)
     out = []
     for backend in backends:
-        row = dict(model=model, d=d, f=f, experts=experts, rows=rows, tokens=tokens, routing=routing,
-                   backend=backend)
+        row = dict(model=model, d=d, f=f, experts=experts, rows=rows, tokens=tokens, routing=routing, backend=backend)
         err = check(layer, x, backend, ref)
         row["rel_err"] = err
         if not math.isfinite(err) or err > TOLERANCE:
@@ -114,10 +121,14 @@ def run_case(model: str, d: int, f: int, experts: int, rows: int, top_k: int, ro
         n = min(repeats, EAGER_REPEATS) if backend == "eager" else repeats  # the loop is the slow reference
         fwd = measure(lambda: layer(x), device, warmup=min(2, n), repeats=n)
         step = measure(lambda: layer(x).backward(g), device, warmup=min(2, n), repeats=n)
-        row.update(status="ok", forward=fwd.to_dict(), forward_backward=step.to_dict(),
-                   forward_tflops=gemm_flops / fwd.median_s / 1e12,
-                   forward_backward_tflops=3 * gemm_flops / step.median_s / 1e12,
-                   load_max_over_mean=float(layer.stats["load"].max() * experts))
+        row.update(
+            status="ok",
+            forward=fwd.to_dict(),
+            forward_backward=step.to_dict(),
+            forward_tflops=gemm_flops / fwd.median_s / 1e12,
+            forward_backward_tflops=3 * gemm_flops / step.median_s / 1e12,
+            load_max_over_mean=float(layer.stats["load"].max() * experts),
+        )
         out.append(row)
     return out
 
@@ -133,8 +144,17 @@ def plot(result: dict, path: Path) -> None:
     labels = sorted({(r["model"], r["experts"], r["rows"], r["routing"]) for r in rows})
     width = 0.8 / len(BACKENDS)
     for i, backend in enumerate(BACKENDS):
-        values = [next((r["forward_backward_tflops"] for r in rows if r["backend"] == backend
-                        and (r["model"], r["experts"], r["rows"], r["routing"]) == lab), 0.0) for lab in labels]
+        values = [
+            next(
+                (
+                    r["forward_backward_tflops"]
+                    for r in rows
+                    if r["backend"] == backend and (r["model"], r["experts"], r["rows"], r["routing"]) == lab
+                ),
+                0.0,
+            )
+            for lab in labels
+        ]
         ax.bar([j + i * width for j in range(len(labels))], values, width, label=backend)
     ax.set_xticks([j + width for j in range(len(labels))])
     ax.set_xticklabels([f"{m}\nE{e} R{r // 1024}K {rt}" for m, e, r, rt in labels], fontsize=7)
@@ -154,8 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = pick_device("auto")
     if args.cpu_smoke:
-        models, experts, rows, f, top_k, dtype = (SMOKE["models"], SMOKE["experts"], SMOKE["rows"], SMOKE["ffn"],
-                                                  SMOKE["top_k"], torch.float32)
+        models, experts, rows, f, top_k, dtype = (
+            SMOKE["models"],
+            SMOKE["experts"],
+            SMOKE["rows"],
+            SMOKE["ffn"],
+            SMOKE["top_k"],
+            torch.float32,
+        )
         backends = ("torch", "eager", "triton")
     elif device.type != "cuda":
         print("bench/moe_layer.py needs a CUDA GPU (or --cpu-smoke); nothing was measured", file=sys.stderr)
@@ -163,22 +189,42 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shapes = QUICK if args.quick else {"models": MODELS, "experts": EXPERTS, "rows": ROWS}
         models = {m: MODELS[m] for m in shapes["models"]}
-        experts, rows, f, top_k, dtype, backends = shapes["experts"], shapes["rows"], FFN, TOP_K, torch.bfloat16, BACKENDS
+        experts, rows, f, top_k, dtype, backends = (
+            shapes["experts"],
+            shapes["rows"],
+            FFN,
+            TOP_K,
+            torch.bfloat16,
+            BACKENDS,
+        )
     cases = []
     env = environment(device)
     for model, d in models.items():
         for e in experts:
             for r in rows:
                 for routing in ("balanced",) if args.cpu_smoke else ("balanced", "zipf"):
-                    cases += run_case(model, d, f, e, r, top_k, routing, device, dtype, backends,
-                                      repeats=1 if args.cpu_smoke else 10)
-                    last = cases[-len(backends):]
-                    print(" ".join(f"{c['backend']}={c.get('forward_backward_tflops', float('nan')):.1f}"
-                                   for c in last), f"TFLOP/s  {model} E={e} R={r} {routing}", flush=True)
+                    cases += run_case(
+                        model, d, f, e, r, top_k, routing, device, dtype, backends, repeats=1 if args.cpu_smoke else 10
+                    )
+                    last = cases[-len(backends) :]
+                    print(
+                        " ".join(f"{c['backend']}={c.get('forward_backward_tflops', float('nan')):.1f}" for c in last),
+                        f"TFLOP/s  {model} E={e} R={r} {routing}",
+                        flush=True,
+                    )
                     # saved after every case, so that a run stopped by a time limit keeps what it measured
-                    result = record("moe_layer", env, {"ffn": f, "top_k": top_k, "shared_experts": 1},
-                                    {"dtype": str(dtype), "tolerance": TOLERANCE, "smoke": args.cpu_smoke,
-                                     "eager_repeats": EAGER_REPEATS}, {"cases": cases})
+                    result = record(
+                        "moe_layer",
+                        env,
+                        {"ffn": f, "top_k": top_k, "shared_experts": 1},
+                        {
+                            "dtype": str(dtype),
+                            "tolerance": TOLERANCE,
+                            "smoke": args.cpu_smoke,
+                            "eager_repeats": EAGER_REPEATS,
+                        },
+                        {"cases": cases},
+                    )
                     path = save(result, "moe_layer", args.results_dir)
     plot(result, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")

@@ -30,8 +30,8 @@ from torch import nn
 from tqdm import tqdm
 
 from moe import MoE, MoEConfig
-from moe.perf import results, timing
 from moe.device import pick_device
+from moe.perf import results, timing
 
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
 
@@ -51,11 +51,15 @@ class Shape:
 
 PRESETS = {
     # Small enough for two CPU cores in seconds, with the routing shape of each model.
-    "cpu": [Shape("qwen3_moe", 128, 64, 16, 4, 256),
-            Shape("deepseek_v3", 128, 64, 32, 4, 256, n_group=8, topk_group=4, shared=1)],
+    "cpu": [
+        Shape("qwen3_moe", 128, 64, 16, 4, 256),
+        Shape("deepseek_v3", 128, 64, 32, 4, 256, n_group=8, topk_group=4, shared=1),
+    ],
     # One real layer of each model at a 4,096-token micro-batch (Qwen3-30B-A3B, DeepSeek-V3).
-    "gpu": [Shape("qwen3_moe", 2048, 768, 128, 8, 8192),
-            Shape("deepseek_v3", 7168, 2048, 256, 8, 4096, n_group=8, topk_group=4, shared=1)],
+    "gpu": [
+        Shape("qwen3_moe", 2048, 768, 128, 8, 8192),
+        Shape("deepseek_v3", 7168, 2048, 256, 8, 4096, n_group=8, topk_group=4, shared=1),
+    ],
 }
 
 
@@ -67,17 +71,29 @@ def build_hf(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int =
             from transformers import Qwen3MoeConfig
             from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-            cfg = Qwen3MoeConfig(hidden_size=shape.hidden, moe_intermediate_size=shape.ffn,
-                                 num_experts=shape.experts, num_experts_per_tok=shape.top_k, norm_topk_prob=True)
+            cfg = Qwen3MoeConfig(
+                hidden_size=shape.hidden,
+                moe_intermediate_size=shape.ffn,
+                num_experts=shape.experts,
+                num_experts_per_tok=shape.top_k,
+                norm_topk_prob=True,
+            )
             block = Qwen3MoeSparseMoeBlock(cfg)
         elif shape.model == "deepseek_v3":
             from transformers import DeepseekV3Config
             from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
-            cfg = DeepseekV3Config(hidden_size=shape.hidden, moe_intermediate_size=shape.ffn,
-                                   n_routed_experts=shape.experts, num_experts_per_tok=shape.top_k,
-                                   n_group=shape.n_group, topk_group=shape.topk_group, n_shared_experts=shape.shared,
-                                   routed_scaling_factor=2.5, norm_topk_prob=True)
+            cfg = DeepseekV3Config(
+                hidden_size=shape.hidden,
+                moe_intermediate_size=shape.ffn,
+                n_routed_experts=shape.experts,
+                num_experts_per_tok=shape.top_k,
+                n_group=shape.n_group,
+                topk_group=shape.topk_group,
+                n_shared_experts=shape.shared,
+                routed_scaling_factor=2.5,
+                norm_topk_prob=True,
+            )
             block = DeepseekV3MoE(cfg)
         else:
             raise ValueError(f"unknown model {shape.model!r} (expected qwen3_moe or deepseek_v3)")
@@ -95,13 +111,28 @@ def build_hf(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int =
 def ours_from(hf: nn.Module, shape: Shape, backend: str) -> MoE:
     """Our layer with `hf`'s weights (copied, in our layout) and the same routing config."""
     if shape.model == "qwen3_moe":
-        cfg = MoEConfig(num_experts=shape.experts, top_k=shape.top_k, expert_ffn_size=shape.ffn,
-                        score_func="softmax", norm_topk_prob=True, backend=backend)
+        cfg = MoEConfig(
+            num_experts=shape.experts,
+            top_k=shape.top_k,
+            expert_ffn_size=shape.ffn,
+            score_func="softmax",
+            norm_topk_prob=True,
+            backend=backend,
+        )
     else:
-        cfg = MoEConfig(num_experts=shape.experts, top_k=shape.top_k, expert_ffn_size=shape.ffn,
-                        num_shared_experts=shape.shared, score_func="sigmoid", n_group=shape.n_group,
-                        topk_group=shape.topk_group, norm_topk_prob=True, routed_scaling_factor=2.5,
-                        expert_bias=True, backend=backend)
+        cfg = MoEConfig(
+            num_experts=shape.experts,
+            top_k=shape.top_k,
+            expert_ffn_size=shape.ffn,
+            num_shared_experts=shape.shared,
+            score_func="sigmoid",
+            n_group=shape.n_group,
+            topk_group=shape.topk_group,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            expert_bias=True,
+            backend=backend,
+        )
     device, dtype = hf.gate.weight.device, hf.gate.weight.dtype
     with torch.device("meta"):
         ours = MoE(cfg, shape.hidden)
@@ -176,17 +207,27 @@ def _time(module: nn.Module, x: torch.Tensor, device, warmup: int, repeats: int,
     xg = x.detach().requires_grad_(True)
     with torch.no_grad():
         forward = timing.measure(lambda: module(x), device, warmup, repeats)
-    backward = timing.measure(lambda: torch.autograd.grad(module(xg), [xg, *params], grad_out, allow_unused=True),
-                                 device, warmup, repeats)
+    backward = timing.measure(
+        lambda: torch.autograd.grad(module(xg), [xg, *params], grad_out, allow_unused=True), device, warmup, repeats
+    )
     tokens = x.shape[0] * x.shape[1]
-    return {"forward": {**forward.to_dict(), "tokens_per_s": tokens / forward.median_s,
-                        "tflops": tokens / forward.median_s * fwd_flops / 1e12},
-            "forward_backward": {**backward.to_dict(), "tokens_per_s": tokens / backward.median_s,
-                                 "tflops": tokens / backward.median_s * 3 * fwd_flops / 1e12}}
+    return {
+        "forward": {
+            **forward.to_dict(),
+            "tokens_per_s": tokens / forward.median_s,
+            "tflops": tokens / forward.median_s * fwd_flops / 1e12,
+        },
+        "forward_backward": {
+            **backward.to_dict(),
+            "tokens_per_s": tokens / backward.median_s,
+            "tflops": tokens / backward.median_s * 3 * fwd_flops / 1e12,
+        },
+    }
 
 
-def _timed_row(impl: str, module: nn.Module, x: torch.Tensor, device, warmup: int, repeats: int,
-               fwd_flops: float) -> dict:
+def _timed_row(
+    impl: str, module: nn.Module, x: torch.Tensor, device, warmup: int, repeats: int, fwd_flops: float
+) -> dict:
     """One implementation's timings, or the out-of-memory error it hit (transformers' batched_mm
     gathers a weight matrix per token: at a full layer's size it asks for hundreds of GiB)."""
     try:
@@ -230,29 +271,40 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup = timing.default_warmup(device)
     torch.manual_seed(0)
     blocks = [run(shape, device, dtype, args.warmup, args.repeats) for shape in PRESETS[args.preset]]
-    result = results.record("moe_vs_transformers", results.environment(device), {"preset": args.preset},
-                              {"dtype": dtype, "warmup": args.warmup, "repeats": args.repeats}, {"blocks": blocks})
+    result = results.record(
+        "moe_vs_transformers",
+        results.environment(device),
+        {"preset": args.preset},
+        {"dtype": dtype, "warmup": args.warmup, "repeats": args.repeats},
+        {"blocks": blocks},
+    )
     results.publish(result, f"moe_vs_transformers-{args.preset}", _print, args.json, args.save, args.results_dir)
     return 0
 
 
 def _print(result: dict) -> None:
     env = result["environment"]
-    print(f"moe vs transformers on {env['device']} [{env['label'].upper()}], {result['settings']['dtype']}, "
-          f"transformers {env['transformers']}, torch {env['torch']}")
+    print(
+        f"moe vs transformers on {env['device']} [{env['label'].upper()}], {result['settings']['dtype']}, "
+        f"transformers {env['transformers']}, torch {env['torch']}"
+    )
     for block in result["results"]["blocks"]:
         s = block["shape"]
-        print(f"\n{s['model']}: D={s['hidden']} F={s['ffn']} E={s['experts']} top-{s['top_k']}"
-              f"{' shared ' + str(s['shared']) if s['shared'] else ''}, {s['tokens']} tokens; outputs match in fp32 "
-              f"(max diff {max(block['check']['max_abs_diff'].values()):.2e})")
+        print(
+            f"\n{s['model']}: D={s['hidden']} F={s['ffn']} E={s['experts']} top-{s['top_k']}"
+            f"{' shared ' + str(s['shared']) if s['shared'] else ''}, {s['tokens']} tokens; outputs match in fp32 "
+            f"(max diff {max(block['check']['max_abs_diff'].values()):.2e})"
+        )
         print(f"  {'implementation':<26}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd TFLOP/s':>13}{'f+b TFLOP/s':>13}")
         for r in block["rows"]:
             if "error" in r:
                 print(f"  {r['impl']:<26}{r['error']}")
                 continue
             f, fb = r["forward"], r["forward_backward"]
-            print(f"  {r['impl']:<26}{f['median_s'] * 1e3:>10.4g}{fb['median_s'] * 1e3:>12.4g}"
-                  f"{f['tflops']:>13.3g}{fb['tflops']:>13.3g}")
+            print(
+                f"  {r['impl']:<26}{f['median_s'] * 1e3:>10.4g}{fb['median_s'] * 1e3:>12.4g}"
+                f"{f['tflops']:>13.3g}{fb['tflops']:>13.3g}"
+            )
 
 
 if __name__ == "__main__":

@@ -35,9 +35,11 @@ def jobs(on_gpu: bool, results_dir: str | None) -> list[tuple[str, str, list[str
     for name in MIRRORS:
         config = str(ROOT / "configs" / f"{name}.yaml")
         train_batch, infer_batch = ("64", "32") if on_gpu else ("8", "4")
-        out += [("train", name, ["bench", "train", "--config", config, "--batch-size", train_batch, *save]),
-                ("infer", name, ["bench", "infer", "--config", config, "--batch-size", infer_batch, *save]),
-                ("layers", name, ["bench", "layers", "--config", config, "--batch-size", train_batch, *save])]
+        out += [
+            ("train", name, ["bench", "train", "--config", config, "--batch-size", train_batch, *save]),
+            ("infer", name, ["bench", "infer", "--config", config, "--batch-size", infer_batch, *save]),
+            ("layers", name, ["bench", "layers", "--config", config, "--batch-size", train_batch, *save]),
+        ]
     for path in sorted((ROOT / "configs" / "full").glob("*.yaml")):
         ep = ["--ep", str(EP[path.stem])] if path.stem in EP else []
         out.append(("calibrate", path.stem, ["calibrate", str(path), *ep, *save]))

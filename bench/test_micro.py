@@ -17,8 +17,17 @@ from moe.dispatch import expert_load, permute, plan_dispatch, unpermute
 
 T, D, E, K, F = 1024, 256, 64, 8, 128
 SOFTMAX = MoEConfig(num_experts=E, top_k=K, expert_ffn_size=F)
-GROUPED = MoEConfig(num_experts=E, top_k=K, expert_ffn_size=F, score_func="sigmoid", n_group=8, topk_group=4,
-                    expert_bias=True, num_shared_experts=1, routed_scaling_factor=2.5)
+GROUPED = MoEConfig(
+    num_experts=E,
+    top_k=K,
+    expert_ffn_size=F,
+    score_func="sigmoid",
+    n_group=8,
+    topk_group=4,
+    expert_bias=True,
+    num_shared_experts=1,
+    routed_scaling_factor=2.5,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -32,5 +32,12 @@ else:
 
     interpreting()  # fix the answer now, before any torch.compile trace asks for it
 
-__all__ = ["grouped_mm", "expert_ffn", "grouped_mm_reference", "expert_ffn_reference",
-           "triton_available", "check_offs", "check_routing"]
+__all__ = [
+    "grouped_mm",
+    "expert_ffn",
+    "grouped_mm_reference",
+    "expert_ffn_reference",
+    "triton_available",
+    "check_offs",
+    "check_routing",
+]

@@ -47,4 +47,3 @@ def gelu_backward(z, dh):
     cdf = 0.5 * (1.0 + tl.erf(z * INV_SQRT2))
     pdf = tl.exp(-0.5 * z * z) * INV_SQRT_2PI
     return dh * (cdf + z * pdf), z * cdf
-

@@ -58,8 +58,10 @@ def _matrix_layout(name: str, t: torch.Tensor) -> None:
     """The kernels take any strides, but one of the last two must be 1 to be fast."""
     rows, cols = t.shape[-2], t.shape[-1]
     if t.stride(-1) != 1 and t.stride(-2) != 1 and rows > 1 and cols > 1:
-        raise ValueError(f"{name} {_shape(t)} with strides {t.stride()} is neither row- nor column-major "
-                         f"in its last two dims; pass {name}.contiguous()")
+        raise ValueError(
+            f"{name} {_shape(t)} with strides {t.stride()} is neither row- nor column-major "
+            f"in its last two dims; pass {name}.contiguous()"
+        )
 
 
 def _same_device(**tensors: torch.Tensor) -> None:
@@ -93,9 +95,16 @@ def grouped_mm_args(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> tup
     return m, k, n, g
 
 
-def expert_ffn_args(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, offs: torch.Tensor,
-                    row_token: torch.Tensor, row_slot: torch.Tensor, num_slots: int,
-                    activation: str) -> tuple[int, int, int, int, int]:
+def expert_ffn_args(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    offs: torch.Tensor,
+    row_token: torch.Tensor,
+    row_slot: torch.Tensor,
+    num_slots: int,
+    activation: str,
+) -> tuple[int, int, int, int, int]:
     """Check the expert_ffn arguments; return (T, d, f, E, R)."""
     for name, t in (("x", x), ("w_in", w_in), ("w_out", w_out)):
         _tensor(name, t)
@@ -109,9 +118,11 @@ def expert_ffn_args(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, of
     e, f, d_out = w_out.shape
     width = 2 * f if activation == "swiglu" else f
     if tuple(w_in.shape) != (e, d, width) or d_out != d:
-        raise ValueError(f"with x [T, d] = {_shape(x)} and w_out [E, f, d] = {_shape(w_out)}, "
-                         f"{activation} needs w_in [E, d, {'2f' if activation == 'swiglu' else 'f'}] = "
-                         f"{(e, d, width)}, got {_shape(w_in)}")
+        raise ValueError(
+            f"with x [T, d] = {_shape(x)} and w_out [E, f, d] = {_shape(w_out)}, "
+            f"{activation} needs w_in [E, d, {'2f' if activation == 'swiglu' else 'f'}] = "
+            f"{(e, d, width)}, got {_shape(w_in)}"
+        )
     if e < 1:
         raise ValueError(f"w_out must hold at least one expert, got shape {_shape(w_out)}")
     _index("offs", offs, torch.int32, e)
@@ -134,14 +145,17 @@ def check_offs(offs: torch.Tensor, num_rows: int) -> None:
     values = offs.tolist()  # sync: debugging aid only
     bad = [i for i in range(1, len(values)) if values[i] < values[i - 1]]
     if bad:
-        raise ValueError(f"offs must be non-decreasing, but offs[{bad[0]}] = {values[bad[0]]} "
-                         f"< offs[{bad[0] - 1}] = {values[bad[0] - 1]}")
+        raise ValueError(
+            f"offs must be non-decreasing, but offs[{bad[0]}] = {values[bad[0]]} "
+            f"< offs[{bad[0] - 1}] = {values[bad[0] - 1]}"
+        )
     if values and (values[0] < 0 or values[-1] > num_rows):
         raise ValueError(f"offs must lie in [0, {num_rows}] (rows of a), got first {values[0]}, last {values[-1]}")
 
 
-def check_routing(offs: torch.Tensor, row_token: torch.Tensor, row_slot: torch.Tensor,
-                  num_tokens: int, num_slots: int) -> None:
+def check_routing(
+    offs: torch.Tensor, row_token: torch.Tensor, row_slot: torch.Tensor, num_tokens: int, num_slots: int
+) -> None:
     """Value checks of expert_ffn's index maps (host sync): offs valid, tokens in
     [0, T), slots in [0, num_slots) and distinct."""
     check_offs(offs, row_token.numel())

@@ -50,9 +50,17 @@ def _outputs(x, w_in, num_slots, r, save_preact):
 
 
 @torch.library.custom_op("moe_kernels::expert_ffn", mutates_args=())
-def _expert_ffn_op(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, offs: torch.Tensor,
-                   row_token: torch.Tensor, row_slot: torch.Tensor, num_slots: int, activation: str,
-                   save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _expert_ffn_op(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    offs: torch.Tensor,
+    row_token: torch.Tensor,
+    row_slot: torch.Tensor,
+    num_slots: int,
+    activation: str,
+    save_preact: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     _, _, f, _, r = checks.expert_ffn_args(x, w_in, w_out, offs, row_token, row_slot, num_slots, activation)
     y, z = _outputs(x, w_in, num_slots, r, save_preact)
     h = x.new_empty(r, f)
@@ -68,9 +76,17 @@ def _(x, w_in, w_out, offs, row_token, row_slot, num_slots, activation, save_pre
 
 
 @torch.library.custom_op("moe_kernels::expert_ffn_backward", mutates_args=())
-def _expert_ffn_backward_op(dy: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
-                            offs: torch.Tensor, row_token: torch.Tensor, row_slot: torch.Tensor,
-                            z: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _expert_ffn_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    offs: torch.Tensor,
+    row_token: torch.Tensor,
+    row_slot: torch.Tensor,
+    z: torch.Tensor,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [T, d], dw_in [E, d, n_in], dw_out [E, f, d]) of expert_ffn, given dy [num_slots, d]."""
     r, f = row_token.numel(), w_out.shape[1]
     dz, h = torch.empty_like(z), x.new_empty(r, f)
@@ -92,8 +108,10 @@ def _(dy, x, w_in, w_out, offs, row_token, row_slot, z, activation):
 def _setup_context(ctx, inputs, output):
     x, w_in, w_out, offs, row_token, row_slot, _, activation, save_preact = inputs
     if not save_preact:
-        raise RuntimeError("moe_kernels::expert_ffn ran with save_preact=False but a gradient is required; "
-                           "call kernels.expert_ffn, which decides this from requires_grad")
+        raise RuntimeError(
+            "moe_kernels::expert_ffn ran with save_preact=False but a gradient is required; "
+            "call kernels.expert_ffn, which decides this from requires_grad"
+        )
     ctx.save_for_backward(x, w_in, w_out, offs, row_token, row_slot, output[1])
     ctx.activation = activation
     ctx.mark_non_differentiable(output[1])
@@ -101,17 +119,25 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_z):
     x, w_in, w_out, offs, row_token, row_slot, z = ctx.saved_tensors
-    dx, dw_in, dw_out = _expert_ffn_backward_op(grad_y.contiguous(), x, w_in, w_out, offs, row_token,
-                                                row_slot, z, ctx.activation)
+    dx, dw_in, dw_out = _expert_ffn_backward_op(
+        grad_y.contiguous(), x, w_in, w_out, offs, row_token, row_slot, z, ctx.activation
+    )
     return dx, dw_in, dw_out, None, None, None, None, None, None
 
 
 _expert_ffn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def expert_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, offs: torch.Tensor,
-               row_token: torch.Tensor, row_slot: torch.Tensor, num_slots: int,
-               activation: str = "swiglu") -> torch.Tensor:
+def expert_ffn(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    offs: torch.Tensor,
+    row_token: torch.Tensor,
+    row_slot: torch.Tensor,
+    num_slots: int,
+    activation: str = "swiglu",
+) -> torch.Tensor:
     """Expert FFN over permuted rows with fused gather/scatter -> y [num_slots, d].
 
     x [T, d] tokens (not permuted); w_in [E, d, 2f] (swiglu: gate = [..., :f],

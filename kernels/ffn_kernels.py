@@ -35,8 +35,21 @@ from .tuning import get_config
 
 
 @triton.jit
-def mma_loop_pair(acc1, acc2, a_rows_ptrs, row_mask, stride_ak, b1_cols_ptrs, b2_cols_ptrs, col_mask,
-                  stride_bk, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+def mma_loop_pair(
+    acc1,
+    acc2,
+    a_rows_ptrs,
+    row_mask,
+    stride_ak,
+    b1_cols_ptrs,
+    b2_cols_ptrs,
+    col_mask,
+    stride_bk,
+    K,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Like gemm_rows.mma_loop, with two B column blocks multiplied by one A tile per step."""
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_rows_ptrs + ks[None, :] * stride_ak
@@ -62,28 +75,63 @@ def mma_loop_pair(acc1, acc2, a_rows_ptrs, row_mask, stride_ak, b1_cols_ptrs, b2
 
 @triton.jit
 def ffn_up_kernel(
-    x_ptr, row_token_ptr, w_ptr, h_ptr, z_ptr, offs_ptr,
-    R, F, D, E, n_row_tiles,
-    stride_xm, stride_xk, stride_wg, stride_wk, stride_wn, stride_hm, stride_hn, stride_zm, stride_zn,
-    ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    x_ptr,
+    row_token_ptr,
+    w_ptr,
+    h_ptr,
+    z_ptr,
+    offs_ptr,
+    R,
+    F,
+    D,
+    E,
+    n_row_tiles,
+    stride_xm,
+    stride_xk,
+    stride_wg,
+    stride_wk,
+    stride_wn,
+    stride_hm,
+    stride_hn,
+    stride_zm,
+    stride_zn,
+    ACTIVATION: tl.constexpr,
+    STORE_Z: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     g, rows, row_mask, cols, col_mask = row_tile(offs_ptr, E, R, F, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M)
     if g > E:
         return
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)     # gate (swiglu) or z (gelu)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # gate (swiglu) or z (gelu)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # up (swiglu only)
     if g < E:  # the tail (g == E) keeps zeros: act(0) = 0
         x_rows = row_index(row_token_ptr, rows, row_mask)
         a_ptrs = x_ptr + x_rows[:, None] * stride_xm
         w_cols = w_ptr + g.to(tl.int64) * stride_wg + cols[None, :] * stride_wn
         if ACTIVATION == "swiglu":
-            acc, acc_up = mma_loop_pair(acc, acc_up, a_ptrs, row_mask, stride_xk, w_cols, w_cols + F * stride_wn,
-                                        col_mask, stride_wk, D, BLOCK_K, EVEN_K, PRECISION)
+            acc, acc_up = mma_loop_pair(
+                acc,
+                acc_up,
+                a_ptrs,
+                row_mask,
+                stride_xk,
+                w_cols,
+                w_cols + F * stride_wn,
+                col_mask,
+                stride_wk,
+                D,
+                BLOCK_K,
+                EVEN_K,
+                PRECISION,
+            )
         else:
-            acc = mma_loop(acc, a_ptrs, row_mask, stride_xk, w_cols, col_mask, stride_wk, D,
-                           BLOCK_K, EVEN_K, PRECISION)
+            acc = mma_loop(acc, a_ptrs, row_mask, stride_xk, w_cols, col_mask, stride_wk, D, BLOCK_K, EVEN_K, PRECISION)
     if ACTIVATION == "swiglu":
         h = swiglu(acc, acc_up)
     else:
@@ -100,13 +148,37 @@ def ffn_up_kernel(
 
 @triton.jit
 def ffn_act_backward_kernel(
-    dy_ptr, row_slot_ptr, w_ptr, z_ptr, dz_ptr, h_ptr, offs_ptr,
-    R, F, D, E, n_row_tiles,
-    stride_dym, stride_dyk, stride_wg, stride_wk, stride_wn, stride_zm, stride_zn, stride_dzm, stride_dzn,
-    stride_hm, stride_hn,
+    dy_ptr,
+    row_slot_ptr,
+    w_ptr,
+    z_ptr,
+    dz_ptr,
+    h_ptr,
+    offs_ptr,
+    R,
+    F,
+    D,
+    E,
+    n_row_tiles,
+    stride_dym,
+    stride_dyk,
+    stride_wg,
+    stride_wk,
+    stride_wn,
+    stride_zm,
+    stride_zn,
+    stride_dzm,
+    stride_dzn,
+    stride_hm,
+    stride_hn,
     ACTIVATION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     g, rows, row_mask, cols, col_mask = row_tile(offs_ptr, E, R, F, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M)
     if g > E:
@@ -114,9 +186,19 @@ def ffn_act_backward_kernel(
     dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if g < E:  # the tail keeps dh = 0, hence dz = 0
         dy_rows = row_index(row_slot_ptr, rows, row_mask)
-        dh = mma_loop(dh, dy_ptr + dy_rows[:, None] * stride_dym, row_mask, stride_dyk,
-                      w_ptr + g.to(tl.int64) * stride_wg + cols[None, :] * stride_wn, col_mask, stride_wk, D,
-                      BLOCK_K, EVEN_K, PRECISION)
+        dh = mma_loop(
+            dh,
+            dy_ptr + dy_rows[:, None] * stride_dym,
+            row_mask,
+            stride_dyk,
+            w_ptr + g.to(tl.int64) * stride_wg + cols[None, :] * stride_wn,
+            col_mask,
+            stride_wk,
+            D,
+            BLOCK_K,
+            EVEN_K,
+            PRECISION,
+        )
     rows64 = rows.to(tl.int64)
     mask = row_mask[:, None] & col_mask[None, :]
     z_ptrs = z_ptr + rows64[:, None] * stride_zm + cols[None, :] * stride_zn
@@ -133,19 +215,36 @@ def ffn_act_backward_kernel(
     tl.store(h_ptr + rows64[:, None] * stride_hm + cols[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_args(kind: str, a: torch.Tensor, num_rows: int, f: int, e: int, k: int,
-                 config: dict | None = None) -> tuple[tuple, int, dict]:
+def _launch_args(
+    kind: str, a: torch.Tensor, num_rows: int, f: int, e: int, k: int, config: dict | None = None
+) -> tuple[tuple, int, dict]:
     cfg = config or get_config(kind, a.dtype, num_rows, e, a.device, interpreting())
     n_row_tiles = max_row_tiles(num_rows, e, cfg["BLOCK_M"])
     grid = (n_row_tiles * triton.cdiv(f, cfg["BLOCK_N"]),)
-    meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_G=group_block(e),
-                GROUP_M=cfg["GROUP_M"], EVEN_K=k % cfg["BLOCK_K"] == 0, PRECISION=dot_precision(a.dtype),
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    meta = dict(
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_G=group_block(e),
+        GROUP_M=cfg["GROUP_M"],
+        EVEN_K=k % cfg["BLOCK_K"] == 0,
+        PRECISION=dot_precision(a.dtype),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
     return grid, n_row_tiles, meta
 
 
-def launch_up(x: torch.Tensor, w_in: torch.Tensor, offs: torch.Tensor, row_token: torch.Tensor,
-              h: torch.Tensor, z: torch.Tensor | None, activation: str, config: dict | None = None) -> None:
+def launch_up(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    offs: torch.Tensor,
+    row_token: torch.Tensor,
+    h: torch.Tensor,
+    z: torch.Tensor | None,
+    activation: str,
+    config: dict | None = None,
+) -> None:
     """Fill h [R, f] (and z [R, n_in] unless None) from x [T, d] and w_in [E, d, n_in].
 
     `config` overrides the tuning table (bench/grouped_gemm_tune.py sweeps it).
@@ -159,14 +258,42 @@ def launch_up(x: torch.Tensor, w_in: torch.Tensor, offs: torch.Tensor, row_token
     grid, n_row_tiles, meta = _launch_args(kind, x, r, f, e, d, config)
     zs = z.stride() if z is not None else (0, 0)
     ffn_up_kernel[grid](
-        x, row_token, w_in, h, z, offs, r, f, d, e, n_row_tiles,
-        x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2),
-        h.stride(0), h.stride(1), zs[0], zs[1],
-        ACTIVATION=activation, STORE_Z=z is not None, **meta)
+        x,
+        row_token,
+        w_in,
+        h,
+        z,
+        offs,
+        r,
+        f,
+        d,
+        e,
+        n_row_tiles,
+        x.stride(0),
+        x.stride(1),
+        w_in.stride(0),
+        w_in.stride(1),
+        w_in.stride(2),
+        h.stride(0),
+        h.stride(1),
+        zs[0],
+        zs[1],
+        ACTIVATION=activation,
+        STORE_Z=z is not None,
+        **meta,
+    )
 
 
-def launch_act_backward(dy: torch.Tensor, w_out: torch.Tensor, offs: torch.Tensor, row_slot: torch.Tensor,
-                        z: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, activation: str) -> None:
+def launch_act_backward(
+    dy: torch.Tensor,
+    w_out: torch.Tensor,
+    offs: torch.Tensor,
+    row_slot: torch.Tensor,
+    z: torch.Tensor,
+    dz: torch.Tensor,
+    h: torch.Tensor,
+    activation: str,
+) -> None:
     """Fill dz [R, n_in] and h [R, f] from dy [num_slots, d], w_out [E, f, d] and z [R, n_in]."""
     r, f = h.shape
     e, d = w_out.shape[0], w_out.shape[2]
@@ -176,7 +303,29 @@ def launch_act_backward(dy: torch.Tensor, w_out: torch.Tensor, offs: torch.Tenso
     w_t = w_out.transpose(1, 2)  # [E, d, f], a view: dh = dy_perm @ w_out^T
     grid, n_row_tiles, meta = _launch_args("rows", dy, r, f, e, d)
     ffn_act_backward_kernel[grid](
-        dy, row_slot, w_t, z, dz, h, offs, r, f, d, e, n_row_tiles,
-        dy.stride(0), dy.stride(1), w_t.stride(0), w_t.stride(1), w_t.stride(2),
-        z.stride(0), z.stride(1), dz.stride(0), dz.stride(1), h.stride(0), h.stride(1),
-        ACTIVATION=activation, **meta)
+        dy,
+        row_slot,
+        w_t,
+        z,
+        dz,
+        h,
+        offs,
+        r,
+        f,
+        d,
+        e,
+        n_row_tiles,
+        dy.stride(0),
+        dy.stride(1),
+        w_t.stride(0),
+        w_t.stride(1),
+        w_t.stride(2),
+        z.stride(0),
+        z.stride(1),
+        dz.stride(0),
+        dz.stride(1),
+        h.stride(0),
+        h.stride(1),
+        ACTIVATION=activation,
+        **meta,
+    )

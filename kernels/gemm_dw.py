@@ -29,11 +29,27 @@ from .tuning import get_config
 
 @triton.jit
 def grouped_dw_kernel(
-    a_ptr, a_rows_ptr, dy_ptr, dy_rows_ptr, out_ptr, offs_ptr,
-    M, K, N,
-    stride_am, stride_ak, stride_dm, stride_dn, stride_og, stride_ok, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+    a_ptr,
+    a_rows_ptr,
+    dy_ptr,
+    dy_rows_ptr,
+    out_ptr,
+    offs_ptr,
+    M,
+    K,
+    N,
+    stride_am,
+    stride_ak,
+    stride_dm,
+    stride_dn,
+    stride_og,
+    stride_ok,
+    stride_on,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     n_k, n_n = tl.cdiv(K, BLOCK_K), tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
@@ -53,18 +69,34 @@ def grouped_dw_kernel(
         row_mask = rows < end
         a_rows = row_index(a_rows_ptr, rows, row_mask)
         dy_rows = row_index(dy_rows_ptr, rows, row_mask)
-        a_t = tl.load(a_ptr + ks[:, None] * stride_ak + a_rows[None, :] * stride_am,
-                      mask=k_mask[:, None] & row_mask[None, :], other=0.0)     # [BLOCK_K, BLOCK_M]
-        dy = tl.load(dy_ptr + dy_rows[:, None] * stride_dm + ns[None, :] * stride_dn,
-                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)      # [BLOCK_M, BLOCK_N]
+        a_t = tl.load(
+            a_ptr + ks[:, None] * stride_ak + a_rows[None, :] * stride_am,
+            mask=k_mask[:, None] & row_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_M]
+        dy = tl.load(
+            dy_ptr + dy_rows[:, None] * stride_dm + ns[None, :] * stride_dn,
+            mask=row_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_N]
         acc = tl.dot(a_t, dy, acc, input_precision=PRECISION)
-    tl.store(out_ptr + g.to(tl.int64) * stride_og + ks[:, None] * stride_ok + ns[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
+    tl.store(
+        out_ptr + g.to(tl.int64) * stride_og + ks[:, None] * stride_ok + ns[None, :] * stride_on,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=k_mask[:, None] & n_mask[None, :],
+    )
 
 
-def launch_dw(a: torch.Tensor, dy: torch.Tensor, out: torch.Tensor, offs: torch.Tensor, num_rows: int,
-              a_rows: torch.Tensor | None = None, dy_rows: torch.Tensor | None = None,
-              config: dict | None = None) -> None:
+def launch_dw(
+    a: torch.Tensor,
+    dy: torch.Tensor,
+    out: torch.Tensor,
+    offs: torch.Tensor,
+    num_rows: int,
+    a_rows: torch.Tensor | None = None,
+    dy_rows: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> None:
     """out[g] = sum over rows r of group g of outer(a[a_rows[r]], dy[dy_rows[r]]).
 
     a [*, K], dy [*, N], out [G, K, N] (written in place, every element).
@@ -78,10 +110,27 @@ def launch_dw(a: torch.Tensor, dy: torch.Tensor, out: torch.Tensor, offs: torch.
     cfg = config or get_config("dw", a.dtype, num_rows, g, a.device, interpreting())
     grid = (g * triton.cdiv(k, cfg["BLOCK_K"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     grouped_dw_kernel[grid](
-        a, a_rows, dy, dy_rows, out, offs,
-        num_rows, k, n,
-        a.stride(0), a.stride(1), dy.stride(0), dy.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
-        GROUP_M=cfg["GROUP_M"], PRECISION=dot_precision(a.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        a,
+        a_rows,
+        dy,
+        dy_rows,
+        out,
+        offs,
+        num_rows,
+        k,
+        n,
+        a.stride(0),
+        a.stride(1),
+        dy.stride(0),
+        dy.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_N=cfg["BLOCK_N"],
+        GROUP_M=cfg["GROUP_M"],
+        PRECISION=dot_precision(a.dtype),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )

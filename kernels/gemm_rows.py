@@ -46,8 +46,19 @@ def row_index(idx_ptr, rows, row_mask):
 
 
 @triton.jit
-def mma_loop(acc, a_rows_ptrs, row_mask, stride_ak, b_cols_ptrs, col_mask, stride_bk, K,
-             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+def mma_loop(
+    acc,
+    a_rows_ptrs,
+    row_mask,
+    stride_ak,
+    b_cols_ptrs,
+    col_mask,
+    stride_bk,
+    K,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """acc [BLOCK_M, BLOCK_N] += A tile rows @ B tile columns over all of K.
 
     a_rows_ptrs [BLOCK_M, 1] point at the rows' first element, b_cols_ptrs
@@ -72,27 +83,66 @@ def mma_loop(acc, a_rows_ptrs, row_mask, stride_ak, b_cols_ptrs, col_mask, strid
 
 @triton.jit
 def grouped_rows_kernel(
-    a_ptr, b_ptr, c_ptr, c_rows_ptr, offs_ptr,
-    M, N, K, G, n_row_tiles,
-    stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_cm, stride_cn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    c_rows_ptr,
+    offs_ptr,
+    M,
+    N,
+    K,
+    G,
+    n_row_tiles,
+    stride_am,
+    stride_ak,
+    stride_bg,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     g, rows, row_mask, cols, col_mask = row_tile(offs_ptr, G, M, N, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M)
     if g > G:  # past the last tile of the grid's upper bound
         return
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if g < G:  # the tail (g == G) keeps acc = 0
-        acc = mma_loop(acc, a_ptr + rows.to(tl.int64)[:, None] * stride_am, row_mask, stride_ak,
-                       b_ptr + g.to(tl.int64) * stride_bg + cols[None, :] * stride_bn, col_mask, stride_bk,
-                       K, BLOCK_K, EVEN_K, PRECISION)
+        acc = mma_loop(
+            acc,
+            a_ptr + rows.to(tl.int64)[:, None] * stride_am,
+            row_mask,
+            stride_ak,
+            b_ptr + g.to(tl.int64) * stride_bg + cols[None, :] * stride_bn,
+            col_mask,
+            stride_bk,
+            K,
+            BLOCK_K,
+            EVEN_K,
+            PRECISION,
+        )
     c_rows = row_index(c_rows_ptr, rows, row_mask)
-    tl.store(c_ptr + c_rows[:, None] * stride_cm + cols[None, :] * stride_cn,
-             acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(
+        c_ptr + c_rows[:, None] * stride_cm + cols[None, :] * stride_cn,
+        acc.to(c_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
 
 
-def launch_rows(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, offs: torch.Tensor, num_rows: int,
-                c_rows: torch.Tensor | None = None, config: dict | None = None) -> None:
+def launch_rows(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    offs: torch.Tensor,
+    num_rows: int,
+    c_rows: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> None:
     """c[c_rows[r]] = a[r] @ b[group(r)] for the num_rows rows r.
 
     a [M, K], b [G, K, N], c [*, N] (written in place); rows past offs[-1] write
@@ -107,10 +157,30 @@ def launch_rows(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, offs: torch.T
     n_row_tiles = max_row_tiles(num_rows, g, cfg["BLOCK_M"])
     grid = (n_row_tiles * triton.cdiv(n, cfg["BLOCK_N"]),)
     grouped_rows_kernel[grid](
-        a, b, c, c_rows, offs,
-        num_rows, n, k, g, n_row_tiles,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_G=group_block(g),
-        GROUP_M=cfg["GROUP_M"], EVEN_K=k % cfg["BLOCK_K"] == 0, PRECISION=dot_precision(a.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        a,
+        b,
+        c,
+        c_rows,
+        offs,
+        num_rows,
+        n,
+        k,
+        g,
+        n_row_tiles,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
+        c.stride(0),
+        c.stride(1),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_G=group_block(g),
+        GROUP_M=cfg["GROUP_M"],
+        EVEN_K=k % cfg["BLOCK_K"] == 0,
+        PRECISION=dot_precision(a.dtype),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )

@@ -43,8 +43,13 @@ def _(a, b, offs):
 
 
 @torch.library.custom_op("moe_kernels::grouped_mm_dw", mutates_args=())
-def _grouped_mm_dw_op(a: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor,
-                      a_rows: torch.Tensor | None = None, dy_rows: torch.Tensor | None = None) -> torch.Tensor:
+def _grouped_mm_dw_op(
+    a: torch.Tensor,
+    dy: torch.Tensor,
+    offs: torch.Tensor,
+    a_rows: torch.Tensor | None = None,
+    dy_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """dB [G, K, N]: dB[g] = sum over rows r of group g of outer(a[a_rows[r]], dy[dy_rows[r]]).
 
     The number of permuted rows is dy.shape[0] without dy_rows, else dy_rows.numel().
@@ -63,8 +68,10 @@ def _(a, dy, offs, a_rows=None, dy_rows=None):
 
 def _dw_shape(a, dy, offs, dy_rows):
     if a.dim() != 2 or dy.dim() != 2 or a.dtype != dy.dtype:
-        raise ValueError(f"grouped_mm_dw needs 2-D a and dy of one dtype, got {tuple(a.shape)} {a.dtype} "
-                         f"and {tuple(dy.shape)} {dy.dtype}")
+        raise ValueError(
+            f"grouped_mm_dw needs 2-D a and dy of one dtype, got {tuple(a.shape)} {a.dtype} "
+            f"and {tuple(dy.shape)} {dy.dtype}"
+        )
     num_rows = dy.shape[0] if dy_rows is None else dy_rows.numel()
     return offs.numel(), a.shape[1], dy.shape[1], num_rows
 

@@ -29,8 +29,9 @@ from .runtime import interpreting, require_runnable
 
 
 @triton.jit
-def sum_rows_kernel(src_ptr, order_ptr, bounds_ptr, out_ptr, D,
-                    stride_sm, stride_sd, stride_om, stride_od, BLOCK_D: tl.constexpr):
+def sum_rows_kernel(
+    src_ptr, order_ptr, bounds_ptr, out_ptr, D, stride_sm, stride_sd, stride_om, stride_od, BLOCK_D: tl.constexpr
+):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -63,6 +64,7 @@ def sum_rows_by_token(rows: torch.Tensor, row_token: torch.Tensor, num_tokens: i
     order, bounds = token_rows(row_token, num_tokens)
     block_d = 32 if interpreting() else min(1024, triton.next_power_of_2(d))
     grid = (num_tokens, triton.cdiv(d, block_d))
-    sum_rows_kernel[grid](rows, order, bounds, out, d, rows.stride(0), rows.stride(1),
-                          out.stride(0), out.stride(1), BLOCK_D=block_d)
+    sum_rows_kernel[grid](
+        rows, order, bounds, out, d, rows.stride(0), rows.stride(1), out.stride(0), out.stride(1), BLOCK_D=block_d
+    )
     return out

@@ -31,15 +31,22 @@ def activation_reference(z: torch.Tensor, activation: str) -> torch.Tensor:
     return F.gelu(z)
 
 
-def expert_ffn_reference(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, offs: torch.Tensor,
-                         row_token: torch.Tensor, row_slot: torch.Tensor, num_slots: int,
-                         activation: str = "swiglu") -> torch.Tensor:
+def expert_ffn_reference(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    offs: torch.Tensor,
+    row_token: torch.Tensor,
+    row_slot: torch.Tensor,
+    num_slots: int,
+    activation: str = "swiglu",
+) -> torch.Tensor:
     """Twin of kernels.expert_ffn: gather, per-expert loop, activation, scatter.
 
     y[row_slot[r]] = act(x[row_token[r]] @ w_in[e(r)]) @ w_out[e(r)] for r < offs[-1];
     the slots of rows past offs[-1] (dropped assignments) and slots named by no row are zeros.
     """
-    x_rows = x[row_token]                                     # [R, d] gather
-    h = activation_reference(grouped_mm_reference(x_rows, w_in, offs), activation)   # [R, f]
-    y_rows = grouped_mm_reference(h, w_out, offs)             # [R, d], dropped rows zero
-    return x.new_zeros(num_slots, x.shape[1]).index_copy(0, row_slot, y_rows)   # scatter
+    x_rows = x[row_token]  # [R, d] gather
+    h = activation_reference(grouped_mm_reference(x_rows, w_in, offs), activation)  # [R, f]
+    y_rows = grouped_mm_reference(h, w_out, offs)  # [R, d], dropped rows zero
+    return x.new_zeros(num_slots, x.shape[1]).index_copy(0, row_slot, y_rows)  # scatter

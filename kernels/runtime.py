@@ -35,8 +35,7 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
-def triton_available(device: torch.device | str | None = None,
-                     dtype: torch.dtype | None = None) -> tuple[bool, str]:
+def triton_available(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> tuple[bool, str]:
     """Can the kernels run on `device` (default: cuda if present, else cpu) for `dtype`?
 
     Returns (ok, reason). The reason names what is missing when ok is False, and
@@ -64,13 +63,14 @@ def triton_available(device: torch.device | str | None = None,
         if not interpreting():
             return False, f"CPU tensors need the Triton interpreter: {_INTERPRETER_HINT}"
         if dtype == torch.bfloat16:
-            return False, ("the Triton interpreter cannot multiply bfloat16 blocks (tl.dot); "
-                           "use float16 or float32 on CPU")
+            return False, (
+                "the Triton interpreter cannot multiply bfloat16 blocks (tl.dot); use float16 or float32 on CPU"
+            )
         return True, "CPU tensors through the Triton interpreter (TRITON_INTERPRET=1)"
     return False, f"device type {device.type!r} is not supported (cuda, or cpu with the interpreter)"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_availability(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     return triton_available(device, dtype)
 

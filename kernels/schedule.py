@@ -131,8 +131,17 @@ def tile_map_reference(offs: list[int], num_rows: int, block_m: int) -> list[tup
 
 
 @triton.jit
-def row_tile(offs_ptr, G, M, N, n_row_tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_G: tl.constexpr, GROUP_M: tl.constexpr):
+def row_tile(
+    offs_ptr,
+    G,
+    M,
+    N,
+    n_row_tiles,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """The prologue every row-tiled grouped kernel shares: this program's tile of an [M, N] output.
 
     Returns (g, rows, row_mask, cols, col_mask); g as in `group_of_tile` (g > G: exit at once).

@@ -70,13 +70,14 @@ def dump_table(table: dict) -> str:
         if section.startswith("_"):  # metadata: notes, provenance of tuned sections
             blocks.append(f"  {json.dumps(section)}: {json.dumps(entries)}")
             continue
-        lines = [f"    {json.dumps(key)}: {json.dumps({f: cfg[f] for f in FIELDS})}"
-                 for key, cfg in sorted(entries.items())]
+        lines = [
+            f"    {json.dumps(key)}: {json.dumps({f: cfg[f] for f in FIELDS})}" for key, cfg in sorted(entries.items())
+        ]
         blocks.append(f"  {json.dumps(section)}: {{\n" + ",\n".join(lines) + "\n  }")
     return "{\n" + ",\n".join(blocks) + "\n}\n"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_table(path: Path = TABLE_PATH) -> dict:
     with open(path) as f:
         table = json.load(f)
@@ -89,15 +90,14 @@ def load_table(path: Path = TABLE_PATH) -> dict:
     return table
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _section_for(device_name: str) -> str:
     slug = device_slug(device_name)
     matches = [s for s in load_table() if not s.startswith("_") and s != "default" and s in slug]
     return max(matches, key=len) if matches else "default"
 
 
-def get_config(kind: str, dtype: torch.dtype, m: int, g: int, device: torch.device,
-               interpret: bool) -> dict:
+def get_config(kind: str, dtype: torch.dtype, m: int, g: int, device: torch.device, interpret: bool) -> dict:
     """The tile configuration for one launch (a dict with the FIELDS)."""
     if interpret:
         return INTERPRET_CONFIG

@@ -1,10 +1,10 @@
 """moe: a readable, fast PyTorch reference implementation of Mixture-of-Experts transformers."""
 
+from . import io  # noqa: F401  (registers the checkpoint formats of Transformer.save_pretrained / from_*)
 from .config import ModelConfig, MoEConfig, config_from_dict, load_config
 from .layer import MoE, update_expert_biases
 from .model import Transformer, layer_plan
 from .router import Router
-from . import io  # noqa: F401  (registers the checkpoint formats of Transformer.save_pretrained / from_*)
 
 __all__ = [
     "ModelConfig",

@@ -47,8 +47,15 @@ def attend(q_BHNd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, scale: float) -> Tens
         causal = True
     elif N > 1:  # a chunk after a cached prefix: query i sees keys 0..S-N+i
         mask = torch.arange(S, device=q_BHNd.device)[None, :] <= torch.arange(N, device=q_BHNd.device)[:, None] + S - N
-    return F.scaled_dot_product_attention(q_BHNd, k_BHSd, v_BHSd, attn_mask=mask, is_causal=causal,
-                                          scale=scale, enable_gqa=k_BHSd.shape[1] != q_BHNd.shape[1])
+    return F.scaled_dot_product_attention(
+        q_BHNd,
+        k_BHSd,
+        v_BHSd,
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=k_BHSd.shape[1] != q_BHNd.shape[1],
+    )
 
 
 class Attention(nn.Module):
@@ -63,6 +70,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.Hkv * self.Dh, bias=bias)
         self.v_proj = nn.Linear(D, self.Hkv * self.Dh, bias=bias)
         self.o_proj = nn.Linear(self.H * self.Dh, D, bias=config.attention_out_bias)
+        self.q_norm: RMSNorm | None
+        self.k_norm: RMSNorm | None
         if config.qk_norm:
             self.q_norm = RMSNorm(self.Dh, config.norm_eps)
             self.k_norm = RMSNorm(self.Dh, config.norm_eps)
@@ -75,7 +84,7 @@ class Attention(nn.Module):
         q = self.q_proj(x_BND).view(B, N, self.H, self.Dh).transpose(1, 2)  # [B, H, N, Dh]
         k = self.k_proj(x_BND).view(B, N, self.Hkv, self.Dh).transpose(1, 2)  # [B, Hkv, N, Dh]
         v = self.v_proj(x_BND).view(B, N, self.Hkv, self.Dh).transpose(1, 2)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rotary.angles(positions_N)
         q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
@@ -93,8 +102,12 @@ class MLAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         D, self.H = config.hidden_size, config.num_heads
-        self.C, self.Dn, self.Dr, self.Dv = (config.kv_lora_rank, config.qk_nope_head_dim,
-                                             config.qk_rope_head_dim, config.v_head_dim)
+        self.C, self.Dn, self.Dr, self.Dv = (
+            config.kv_lora_rank,
+            config.qk_nope_head_dim,
+            config.qk_rope_head_dim,
+            config.v_head_dim,
+        )
         q_dim = self.H * (self.Dn + self.Dr)
         latent_eps = config.latent_norm_eps or config.norm_eps
         if config.q_lora_rank:

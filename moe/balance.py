@@ -84,8 +84,9 @@ def partial_sums(route: Routing, num_sequences: int | None, config: MoEConfig) -
     return sums
 
 
-def losses_from_sums(sums: dict[str, Tensor], load_E: Tensor, tokens: Tensor, sequences: Tensor, top_k: int,
-                     config: MoEConfig) -> dict[str, Tensor]:
+def losses_from_sums(
+    sums: dict[str, Tensor], load_E: Tensor, tokens: Tensor, sequences: Tensor, top_k: int, config: MoEConfig
+) -> dict[str, Tensor]:
     """The enabled losses of the batch, unweighted, from its summed partials."""
     losses = {}
     if "probs" in sums:

@@ -28,8 +28,11 @@ from .config import MoEConfig
 
 
 def static_slots(num_tokens: int, config: MoEConfig) -> int:
-    """Slots per expert under a static capacity factor."""
-    return math.ceil(config.capacity_factor * num_tokens * config.top_k / config.num_experts)
+    """Slots per expert under a static capacity factor (the config must have one)."""
+    factor = config.capacity_factor
+    if factor is None:
+        raise ValueError("a dropless config (capacity_factor: null) has no slot limit")
+    return math.ceil(factor * num_tokens * config.top_k / config.num_experts)
 
 
 def expert_capacity(load_E: Tensor, num_tokens: int, config: MoEConfig) -> Tensor | None:

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -34,10 +34,10 @@ class MoEConfig:
 
     num_experts: int = 8
     top_k: int = 2
-    expert_ffn_size: Optional[int] = None  # None: 4 * hidden_size, a full FFN per expert
+    expert_ffn_size: int | None = None  # None: 4 * hidden_size, a full FFN per expert
     activation: Activation = "swiglu"
     num_shared_experts: int = 0  # always-on experts added unweighted (DeepSeek-V3, Ling 2.0: 1)
-    shared_ffn_size: Optional[int] = None  # None: num_shared_experts * expert FFN size
+    shared_ffn_size: int | None = None  # None: num_shared_experts * expert FFN size
 
     # Router. Scores are always computed in fp32: bf16 logits flip near-tied top-k choices.
     score_func: ScoreFunc = "softmax"
@@ -55,7 +55,7 @@ class MoEConfig:
     bias_update: BiasUpdate = "sign"  # "sign" as DeepSeek-V3; "zero_mean" re-centres the update (Ling 2.0)
 
     # Capacity. None = dropless: every assignment is computed.
-    capacity_factor: Optional[float] = None
+    capacity_factor: float | None = None
     capacity_mode: CapacityMode = "static"
 
     backend: Backend = "torch"  # "eager" is the readable reference loop over experts
@@ -63,8 +63,9 @@ class MoEConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _positive(self, "num_experts", "top_k", "n_group", "topk_group")
-        _non_negative(self, "num_shared_experts", "aux_loss_coef", "seq_aux_loss_coef",
-                      "z_loss_coef", "bias_update_rate")
+        _non_negative(
+            self, "num_shared_experts", "aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"
+        )
         if self.top_k > self.num_experts:
             _fail("top_k", self.top_k, f"must be <= num_experts ({self.num_experts})")
         if self.num_experts % self.n_group:
@@ -72,8 +73,11 @@ class MoEConfig:
         if self.topk_group > self.n_group:
             _fail("topk_group", self.topk_group, f"must be <= n_group ({self.n_group})")
         if self.n_group > 1 and self.top_k > self.topk_group * (self.num_experts // self.n_group):
-            _fail("top_k", self.top_k, f"exceeds the experts in topk_group={self.topk_group} groups "
-                  f"of {self.num_experts // self.n_group}")
+            _fail(
+                "top_k",
+                self.top_k,
+                f"exceeds the experts in topk_group={self.topk_group} groups of {self.num_experts // self.n_group}",
+            )
         for key in ("expert_ffn_size", "shared_ffn_size"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -99,9 +103,9 @@ class ModelConfig:
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
-    num_kv_heads: Optional[int] = None  # None: num_heads (MHA); fewer: GQA
-    head_dim: Optional[int] = None  # None: hidden_size // num_heads
-    intermediate_size: Optional[int] = None  # dense SwiGLU FFN; None: 4 * hidden_size
+    num_kv_heads: int | None = None  # None: num_heads (MHA); fewer: GQA
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    intermediate_size: int | None = None  # dense SwiGLU FFN; None: 4 * hidden_size
     max_seq_len: int = 256  # context length used for training and for attention FLOPs
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
@@ -119,14 +123,14 @@ class ModelConfig:
     # original_max_position_embeddings, and optionally beta_fast (32), beta_slow (1), mscale,
     # mscale_all_dim (MLA also scales its softmax by yarn_mscale(factor, mscale_all_dim)^2),
     # attention_factor, truncate. DeepSeek-V3: factor 40 over 4096, mscale = mscale_all_dim = 1.
-    rope_scaling: Optional[dict] = None
+    rope_scaling: dict | None = None
     # MLA (DeepSeek-V3 multi-head latent attention); used when attention == "mla".
-    q_lora_rank: Optional[int] = None  # None: q is projected directly, without a latent
+    q_lora_rank: int | None = None  # None: q is projected directly, without a latent
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
-    latent_norm_eps: Optional[float] = None  # eps of the q/kv latent RMSNorms; None: norm_eps
+    latent_norm_eps: float | None = None  # eps of the q/kv latent RMSNorms; None: norm_eps
     # (DeepSeek-V3's reference code fixes it at 1e-6 whatever rms_norm_eps says)
 
     # Layer plan: which layers use an MoE FFN. Exactly one scheme applies:
@@ -134,16 +138,26 @@ class ModelConfig:
     # > first_k_dense + moe_every (after k dense layers, every n-th layer is MoE).
     first_k_dense: int = 0
     moe_every: int = 1
-    moe_pattern: Optional[str] = None
-    moe_layers: Optional[list[int]] = None
-    moe: Optional[MoEConfig] = field(default_factory=MoEConfig)  # None: a dense model
+    moe_pattern: str | None = None
+    moe_layers: list[int] | None = None
+    moe: MoEConfig | None = field(default_factory=MoEConfig)  # None: a dense model
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = _from_dict(MoEConfig, self.moe, prefix="moe.")
         _check_types(self)
-        _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len",
-                  "moe_every", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
+        _positive(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "max_seq_len",
+            "moe_every",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "v_head_dim",
+        )
         _non_negative(self, "first_k_dense", "qk_nope_head_dim")
         for key in ("num_kv_heads", "head_dim", "intermediate_size", "q_lora_rank"):
             value = getattr(self, key)
@@ -152,13 +166,19 @@ class ModelConfig:
         if self.num_heads % self.kv_heads:
             _fail("num_heads", self.num_heads, f"must be divisible by num_kv_heads ({self.kv_heads})")
         if self.head_dim is None and self.hidden_size % self.num_heads:
-            _fail("hidden_size", self.hidden_size,
-                  f"must be divisible by num_heads ({self.num_heads}) unless head_dim is set")
+            _fail(
+                "hidden_size",
+                self.hidden_size,
+                f"must be divisible by num_heads ({self.num_heads}) unless head_dim is set",
+            )
         if not 0.0 < self.rope_fraction <= 1.0:
             _fail("rope_fraction", self.rope_fraction, "must be in (0, 1]")
         if self.attention == "gqa" and self.rotary_dim % 2:
-            _fail("rope_fraction", self.rope_fraction,
-                  f"gives an odd rotary dim {self.rotary_dim} for head_dim {self.dim_per_head}")
+            _fail(
+                "rope_fraction",
+                self.rope_fraction,
+                f"gives an odd rotary dim {self.rotary_dim} for head_dim {self.dim_per_head}",
+            )
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
         if self.latent_norm_eps is not None and not self.latent_norm_eps > 0:
@@ -169,8 +189,9 @@ class ModelConfig:
             _fail("first_k_dense", self.first_k_dense, f"exceeds num_layers ({self.num_layers})")
         if self.moe_pattern is not None:
             if not re.fullmatch(r"\d+(-\d+)*", self.moe_pattern) or len(self.moe_pattern.split("-")) % 2:
-                _fail("moe_pattern", self.moe_pattern,
-                      "must alternate dense and MoE run lengths, e.g. '2-4' or '2-4-2-4'")
+                _fail(
+                    "moe_pattern", self.moe_pattern, "must alternate dense and MoE run lengths, e.g. '2-4' or '2-4-2-4'"
+                )
             if not any(int(n) for n in self.moe_pattern.split("-")[1::2]):
                 _fail("moe_pattern", self.moe_pattern, "has no MoE layers")
             if self.first_k_dense or self.moe_every != 1:
@@ -202,9 +223,17 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-ROPE_SCALING_KEYS = {"type": str, "factor": float, "original_max_position_embeddings": int, "beta_fast": float,
-                     "beta_slow": float, "mscale": float, "mscale_all_dim": float, "attention_factor": float,
-                     "truncate": bool}
+ROPE_SCALING_KEYS = {
+    "type": str,
+    "factor": float,
+    "original_max_position_embeddings": int,
+    "beta_fast": float,
+    "beta_slow": float,
+    "mscale": float,
+    "mscale_all_dim": float,
+    "attention_factor": float,
+    "truncate": bool,
+}
 
 
 def _check_rope_scaling(scaling: dict) -> None:
@@ -221,8 +250,11 @@ def _check_rope_scaling(scaling: dict) -> None:
     if not scaling["factor"] >= 1:
         _fail("rope_scaling.factor", scaling["factor"], "must be >= 1")
     if scaling["original_max_position_embeddings"] <= 0:
-        _fail("rope_scaling.original_max_position_embeddings", scaling["original_max_position_embeddings"],
-              "must be positive")
+        _fail(
+            "rope_scaling.original_max_position_embeddings",
+            scaling["original_max_position_embeddings"],
+            "must be positive",
+        )
 
 
 # --------------------------------------------------------------------------- loading

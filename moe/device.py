@@ -6,7 +6,7 @@ import torch
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto" is the GPU when there is one, else the CPU; a named CUDA device must exist."""
+    """ "auto" is the GPU when there is one, else the CPU; a named CUDA device must exist."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

@@ -61,8 +61,9 @@ def count_ids(ids: Tensor, n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
-def plan_dispatch(topk_idx_TK: Tensor, load_E: Tensor, capacity_E: Tensor | None = None,
-                  queue_offset_KE: Tensor | None = None) -> DispatchPlan:
+def plan_dispatch(
+    topk_idx_TK: Tensor, load_E: Tensor, capacity_E: Tensor | None = None, queue_offset_KE: Tensor | None = None
+) -> DispatchPlan:
     """Sort the T*K assignments by expert, dropping those beyond each expert's capacity.
 
     queue_offset_KE [K, E] (expert parallelism): how many assignments of other processes

@@ -70,8 +70,16 @@ class Experts(nn.Module):
         kernels = _triton_kernels(x_TD)
         if kernels is None:
             return None
-        return kernels.expert_ffn(x_TD, self.w_in, self.w_out, plan.offs, plan.row_token,
-                                  plan.row_slot, plan.row_slot.numel(), self.activation)
+        return kernels.expert_ffn(
+            x_TD,
+            self.w_in,
+            self.w_out,
+            plan.offs,
+            plan.row_token,
+            plan.row_slot,
+            plan.row_slot.numel(),
+            self.activation,
+        )
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
@@ -99,8 +107,10 @@ def torch_grouped_mm(a_RK: Tensor, b_EKN: Tensor, offs: Tensor) -> Tensor:
     a_RK, b_EKN = _autocast(a_RK, b_EKN)
     supported = GROUPED_MM_DTYPES if a_RK.device.type == "cpu" else (torch.bfloat16,)
     if not hasattr(F, "grouped_mm") or a_RK.dtype not in supported:
-        _warn_once(f"torch.nn.functional.grouped_mm does not take {a_RK.dtype} on {a_RK.device.type} "
-                   f"in torch {torch.__version__}; the experts run the eager loop instead")
+        _warn_once(
+            f"torch.nn.functional.grouped_mm does not take {a_RK.dtype} on {a_RK.device.type} "
+            f"in torch {torch.__version__}; the experts run the eager loop instead"
+        )
         return eager_grouped_mm(a_RK, b_EKN, offs)
     K, N = b_EKN.shape[1:]
     align = 16 // a_RK.element_size()

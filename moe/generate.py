@@ -18,8 +18,9 @@ from torch import Tensor
 from .model import Transformer
 
 
-def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None,
-                generator: torch.Generator | None = None) -> Tensor:
+def sample_next(
+    logits_BV: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None = None
+) -> Tensor:
     """One token per row [B, 1]: greedy at temperature 0, else from softmax(logits / T) over the top k."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1, keepdim=True)
@@ -31,9 +32,15 @@ def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None,
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompt_BS: Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, generator: torch.Generator | None = None,
-             return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def generate(
+    model: Transformer,
+    prompt_BS: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    return_logits: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Prompt [B, S] -> prompt + continuation [B, S + N]; with return_logits also the logits
     [B, N, V] each new token was drawn from."""
     vocab = model.config.vocab_size
@@ -58,7 +65,7 @@ def generate(model: Transformer, prompt_BS: Tensor, max_new_tokens: int, tempera
             break
         if cache.seq_len >= window:  # slide: re-read the last half window into a fresh cache
             cache = model.new_cache()
-            logits_BV = model(ids_BS[:, -(window // 2):], cache)[:, -1]
+            logits_BV = model(ids_BS[:, -(window // 2) :], cache)[:, -1]
         else:
             logits_BV = model(next_B1, cache)[:, -1]
     if return_logits:

@@ -35,8 +35,9 @@ class MoE(nn.Module):
         self.hidden_size = hidden_size
         self.router = Router(config, hidden_size)
         self.experts = Experts(config, hidden_size)
-        self.shared_experts = (MLP(hidden_size, config.shared_size(hidden_size), config.activation)
-                               if config.num_shared_experts else None)
+        self.shared_experts = (
+            MLP(hidden_size, config.shared_size(hidden_size), config.activation) if config.num_shared_experts else None
+        )
         # The two seams distribution swaps from outside (moe.distributed.shard_experts): where
         # the experts are (the dispatcher) and which tokens make up the batch (the scope).
         self.dispatcher: Dispatcher = LocalDispatcher()

@@ -12,8 +12,9 @@ V = vocab size, L = layers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +54,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(D, config.norm_eps)
         self.attn = (MLAttention if config.attention == "mla" else Attention)(config, layer_idx)
         self.ffn_norm = RMSNorm(D, config.norm_eps)
-        self.ffn = MoE(config.moe, D) if use_moe else MLP(D, config.ffn_size)
+        self.ffn = MoE(config.moe, D) if use_moe and config.moe is not None else MLP(D, config.ffn_size)
 
     def forward(self, x_BSD: Tensor, positions_S: Tensor, cache: KVCache | None = None) -> Tensor:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_S, cache)

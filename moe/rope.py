@@ -59,6 +59,8 @@ def rope_frequencies(rotary_dim: int, theta: float, scaling: dict | None = None)
 
 
 class Rotary(nn.Module):
+    inv_freq: Tensor  # [Fr] fp32, a buffer
+
     def __init__(self, rotary_dim: int, theta: float, interleave: bool = False, scaling: dict | None = None):
         super().__init__()
         self.rotary_dim = rotary_dim

@@ -83,8 +83,8 @@ def batch_totals(route: Routing, num_sequences: int | None, config: MoEConfig, s
     partial_X = torch.cat([counts_KE.flatten().to(dtype), sizes, *[v.reshape(-1) for v in parts.values()]])
 
     gathered_WX = scope.gather(partial_X)
-    counts_WKE = gathered_WX[:, :K * E].long().view(-1, K, E)  # summed as integers: exact for any batch
-    total_X = gathered_WX[:, K * E:].sum(0)
+    counts_WKE = gathered_WX[:, : K * E].long().view(-1, K, E)  # summed as integers: exact for any batch
+    total_X = gathered_WX[:, K * E :].sum(0)
     tokens, sequences = total_X[0], total_X[1]
     sums = dict(zip(parts, total_X[2:].split([v.numel() for v in parts.values()])))
 
@@ -92,8 +92,7 @@ def batch_totals(route: Routing, num_sequences: int | None, config: MoEConfig, s
     # The single-process capacity queue is k-major over the concatenated batch. Ahead of this
     # process's first slot of (k, e): every process's choices k' < k of e, then earlier
     # processes' choices k of e. position_in_expert counts this process's own k' < k slots.
-    ahead_KE = ((batch_KE.cumsum(0) - batch_KE) - (counts_KE.cumsum(0) - counts_KE)
-                + counts_WKE[:scope.rank].sum(0))
+    ahead_KE = (batch_KE.cumsum(0) - batch_KE) - (counts_KE.cumsum(0) - counts_KE) + counts_WKE[: scope.rank].sum(0)
     num_tokens = scope.token_count(T, tokens) if config.capacity_factor is not None else T
     losses = balance.losses_from_sums(sums, batch_KE.sum(0), tokens, sequences, K, config)
     return BatchTotals(batch_KE, counts_KE.sum(0), ahead_KE, tokens, losses, num_tokens)

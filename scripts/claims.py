@@ -38,10 +38,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a few steps per run on tiny models (checks the machinery)")
     p.add_argument("--report-only", action="store_true", help="rewrite the page and the plots from claims.json")
-    p.add_argument("--runs-dir", type=Path, default=None,
-                   help="run folders (default runs/claims, or runs/claims-quick with --quick)")
-    p.add_argument("--docs-dir", type=Path, default=None,
-                   help="where claims.md and claims/ go (default docs, or the runs folder with --quick)")
+    p.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=None,
+        help="run folders (default runs/claims, or runs/claims-quick with --quick)",
+    )
+    p.add_argument(
+        "--docs-dir",
+        type=Path,
+        default=None,
+        help="where claims.md and claims/ go (default docs, or the runs folder with --quick)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds per trained layer plan for claim 2 (default 3)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     args = p.parse_args(argv)
@@ -53,20 +61,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def measure(args: argparse.Namespace, command: str) -> dict:
-    from moe.perf.results import environment
     from moe.device import pick_device
+    from moe.perf.results import environment
 
     start = time.perf_counter()
     setup = Setup(runs_dir=args.runs_dir, quick=args.quick, device=args.device, seeds=args.seeds)
     env = environment(pick_device(args.device))  # before the runs: the load average of the machine as found
     data = prepare_data(setup)
-    runs = len(balance.METHODS) + len(layering.TRAINED) * (1 if args.quick else args.seeds) + \
-        len(capacity.SETTINGS) * len(capacity.MODES)
+    runs = (
+        len(balance.METHODS)
+        + len(layering.TRAINED) * (1 if args.quick else args.seeds)
+        + len(capacity.SETTINGS) * len(capacity.MODES)
+    )
     with progress_bar(runs) as setup.bar:
         claims = {key: module.measure(setup) for key, module in CLAIMS.items()}
     load_end = environment(pick_device(args.device))["load_average_1m"]
-    return {"schema": SCHEMA, "command": command, "quick": args.quick, "environment": env, "data": data,
-            "wall_s": time.perf_counter() - start, "load_average_end": load_end, "claims": claims}
+    return {
+        "schema": SCHEMA,
+        "command": command,
+        "quick": args.quick,
+        "environment": env,
+        "data": data,
+        "wall_s": time.perf_counter() - start,
+        "load_average_end": load_end,
+        "claims": claims,
+    }
 
 
 def judge_and_draw(result: dict, docs_dir: Path) -> Path:

@@ -64,8 +64,9 @@ def test_bias_update_direction():
 
 def test_aux_loss_free_updates_balance_a_skewed_router():
     torch.manual_seed(0)
-    layer = MoE(MoEConfig(num_experts=8, top_k=2, score_func="sigmoid", expert_bias=True,
-                          bias_update_rate=0.01), hidden_size=16)
+    layer = MoE(
+        MoEConfig(num_experts=8, top_k=2, score_func="sigmoid", expert_bias=True, bias_update_rate=0.01), hidden_size=16
+    )
     with torch.no_grad():
         layer.router.weight[0] += 0.1  # expert 0 is preferred by every token
     x = torch.randn(256, 16) + 1.0

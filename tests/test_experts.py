@@ -43,8 +43,17 @@ def grads(layer, x, y, g):
 CASES = [
     dict(num_experts=8, top_k=2),
     dict(num_experts=6, top_k=3, activation="gelu", num_shared_experts=2, expert_ffn_size=19),
-    dict(num_experts=16, top_k=4, score_func="sigmoid", expert_bias=True, n_group=4, topk_group=2,
-         routed_scaling_factor=2.5, num_shared_experts=1, expert_ffn_size=13),
+    dict(
+        num_experts=16,
+        top_k=4,
+        score_func="sigmoid",
+        expert_bias=True,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        num_shared_experts=1,
+        expert_ffn_size=13,
+    ),
     dict(num_experts=8, top_k=2, capacity_factor=0.5),
     dict(num_experts=5, top_k=1, capacity_factor=1.0, activation="gelu", expert_ffn_size=7),
 ]
@@ -143,8 +152,18 @@ def test_layer_keeps_leading_shape_and_rejects_wrong_width():
 def test_layer_compiles_without_graph_breaks():
     # bf16: the fake (meta) implementation of grouped_mm accepts bf16 only, as CUDA does.
     torch.manual_seed(0)
-    layer = MoE(MoEConfig(num_experts=8, top_k=2, num_shared_experts=1, score_func="sigmoid",
-                          expert_bias=True, aux_loss_coef=0.01, capacity_factor=1.0), 32).bfloat16()
+    layer = MoE(
+        MoEConfig(
+            num_experts=8,
+            top_k=2,
+            num_shared_experts=1,
+            score_func="sigmoid",
+            expert_bias=True,
+            aux_loss_coef=0.01,
+            capacity_factor=1.0,
+        ),
+        32,
+    ).bfloat16()
     x = torch.randn(2, 12, 32, dtype=torch.bfloat16)
     expected = layer(x)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)

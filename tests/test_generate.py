@@ -5,8 +5,15 @@ from train_helpers import micro_config
 from moe import Transformer
 from moe.generate import decode, generate, sample_next
 
-MLA = dict(attention="mla", q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
-           v_head_dim=6, rope_interleave=True)
+MLA = dict(
+    attention="mla",
+    q_lora_rank=16,
+    kv_lora_rank=12,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=6,
+    rope_interleave=True,
+)
 
 
 def model_for(attention: str, **config) -> Transformer:

@@ -22,8 +22,9 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_the_core_never_imports_torch_distributed():
     assert len(CORE_MODULES) >= 15  # config, router, ..., layer, model: the scan sees the core
-    offenders = {p.name: sorted(n for n in imported_modules(p) if n.startswith("torch.distributed"))
-                 for p in CORE_MODULES}
+    offenders = {
+        p.name: sorted(n for n in imported_modules(p) if n.startswith("torch.distributed")) for p in CORE_MODULES
+    }
     assert {name: found for name, found in offenders.items() if found} == {}
 
 

@@ -8,16 +8,19 @@ from moe.rope import Rotary
 D, M = False, True
 
 
-@pytest.mark.parametrize("kwargs, plan", [
-    (dict(num_layers=4), [M, M, M, M]),
-    (dict(num_layers=5, first_k_dense=2), [D, D, M, M, M]),
-    (dict(num_layers=6, moe_every=2), [D, M, D, M, D, M]),
-    (dict(num_layers=7, first_k_dense=1, moe_every=3), [D, D, D, M, D, D, M]),
-    (dict(num_layers=12, moe_pattern="2-4-2-4"), [D, D, M, M, M, M] * 2),
-    (dict(num_layers=8, moe_pattern="1-2"), [D, M, M, D, M, M, D, M]),
-    (dict(num_layers=4, moe_layers=[1, 3]), [D, M, D, M]),
-    (dict(num_layers=3, moe=None), [D, D, D]),
-])
+@pytest.mark.parametrize(
+    "kwargs, plan",
+    [
+        (dict(num_layers=4), [M, M, M, M]),
+        (dict(num_layers=5, first_k_dense=2), [D, D, M, M, M]),
+        (dict(num_layers=6, moe_every=2), [D, M, D, M, D, M]),
+        (dict(num_layers=7, first_k_dense=1, moe_every=3), [D, D, D, M, D, D, M]),
+        (dict(num_layers=12, moe_pattern="2-4-2-4"), [D, D, M, M, M, M] * 2),
+        (dict(num_layers=8, moe_pattern="1-2"), [D, M, M, D, M, M, D, M]),
+        (dict(num_layers=4, moe_layers=[1, 3]), [D, M, D, M]),
+        (dict(num_layers=3, moe=None), [D, D, D]),
+    ],
+)
 def test_layer_plans(kwargs, plan):
     cfg = ModelConfig(**kwargs)
     assert layer_plan(cfg) == plan
@@ -27,15 +30,32 @@ def test_layer_plans(kwargs, plan):
 
 
 def small(**kw):
-    base = dict(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, max_seq_len=32,
-                first_k_dense=1, moe=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1,
-                                               score_func="sigmoid", expert_bias=True, aux_loss_coef=0.01))
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=32,
+        first_k_dense=1,
+        moe=MoEConfig(
+            num_experts=4, top_k=2, num_shared_experts=1, score_func="sigmoid", expert_bias=True, aux_loss_coef=0.01
+        ),
+    )
     base.update(kw)
     return ModelConfig(**base)
 
 
-MLA = dict(attention="mla", q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
-           v_head_dim=6, rope_interleave=True, num_kv_heads=None)
+MLA = dict(
+    attention="mla",
+    q_lora_rank=16,
+    kv_lora_rank=12,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=6,
+    rope_interleave=True,
+    num_kv_heads=None,
+)
 VARIANTS = {
     "gqa": {},
     "mha-qknorm-partial-rope": dict(num_kv_heads=None, qk_norm=True, rope_fraction=0.5),
@@ -68,7 +88,7 @@ def test_cached_decoding_matches_full_recomputation(variant):
     pieces = [model(ids[:, :5], cache)]  # a prompt, then a chunk, then single tokens
     pieces.append(model(ids[:, 5:8], cache))
     for t in range(8, 12):
-        pieces.append(model(ids[:, t:t + 1], cache))
+        pieces.append(model(ids[:, t : t + 1], cache))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)
     assert cache.seq_len == 12
 

@@ -28,10 +28,10 @@ def reference_gate(x, weight, bias, cfg):
         size = cfg.num_experts // cfg.n_group
         groups = list(range(cfg.n_group))
         if cfg.n_group > 1:
-            group_score = [sum(sorted(choice[g * size:(g + 1) * size], reverse=True)[:2]) for g in groups]
-            groups = sorted(groups, key=lambda g: -group_score[g])[:cfg.topk_group]
+            group_score = [sum(sorted(choice[g * size : (g + 1) * size], reverse=True)[:2]) for g in groups]
+            groups = sorted(groups, key=lambda g: -group_score[g])[: cfg.topk_group]
         candidates = [e for g in groups for e in range(g * size, (g + 1) * size)]
-        chosen = sorted(candidates, key=lambda e: -choice[e])[:cfg.top_k]
+        chosen = sorted(candidates, key=lambda e: -choice[e])[: cfg.top_k]
         w = [scores[e] for e in chosen]
         if cfg.norm_topk_prob:
             w = [v / sum(w) for v in w]
@@ -51,14 +51,24 @@ def test_worked_example_softmax():
     torch.testing.assert_close(r.probs, (e / e.sum())[None], rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(num_experts=8, top_k=2),  # Mixtral
-    dict(num_experts=16, top_k=4, norm_topk_prob=False),  # Qwen3 with norm_topk_prob off
-    dict(num_experts=16, top_k=4, score_func="sigmoid", expert_bias=True, n_group=4, topk_group=2,
-         routed_scaling_factor=2.5),  # DeepSeek-V3 / Ling 2.0 shape
-    dict(num_experts=12, top_k=3, score_func="sigmoid", n_group=6, topk_group=3, norm_topk_prob=False),
-    dict(num_experts=8, top_k=2, score_func="softmax", n_group=8, topk_group=2),  # groups of one expert
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(num_experts=8, top_k=2),  # Mixtral
+        dict(num_experts=16, top_k=4, norm_topk_prob=False),  # Qwen3 with norm_topk_prob off
+        dict(
+            num_experts=16,
+            top_k=4,
+            score_func="sigmoid",
+            expert_bias=True,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+        ),  # DeepSeek-V3 / Ling 2.0 shape
+        dict(num_experts=12, top_k=3, score_func="sigmoid", n_group=6, topk_group=3, norm_topk_prob=False),
+        dict(num_experts=8, top_k=2, score_func="softmax", n_group=8, topk_group=2),  # groups of one expert
+    ],
+)
 def test_router_matches_token_by_token_reference(kw):
     torch.manual_seed(0)
     router = make_router(**kw)

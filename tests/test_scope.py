@@ -24,8 +24,7 @@ def test_batch_totals_losses_equal_the_definitions():
     three_d = batch_totals(route, 3, cfg, BatchScope())
     assert torch.equal(three_d.losses["switch_aux"], switch_aux_loss(route.probs, route.topk_idx))
     assert torch.equal(three_d.losses["z_loss"], router_z_loss(route.logits))
-    assert torch.equal(three_d.losses["seq_aux"],
-                       seq_aux_loss(route.probs.view(3, 4, 6), route.topk_idx.view(3, 4, 2)))
+    assert torch.equal(three_d.losses["seq_aux"], seq_aux_loss(route.probs.view(3, 4, 6), route.topk_idx.view(3, 4, 2)))
     one_sequence = batch_totals(route, None, cfg, BatchScope())  # a 2-D input is one sequence
     assert torch.equal(one_sequence.losses["seq_aux"], switch_aux_loss(route.probs, route.topk_idx))
     assert one_sequence.load_E.tolist() == torch.bincount(route.topk_idx.flatten(), minlength=6).tolist()

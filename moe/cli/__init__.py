@@ -26,8 +26,9 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe", description="Mixture-of-Experts transformers: "
-                                     "train, generate, benchmark, calibrate, inspect")
+    parser = argparse.ArgumentParser(
+        prog="moe", description="Mixture-of-Experts transformers: train, generate, benchmark, calibrate, inspect"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -16,10 +16,11 @@ from .errors import UserError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
-    specs = [("train", "time forward + backward + AdamW steps of a whole model", _train_arguments, run_train),
-             ("infer", "time prefill and KV-cached decoding of a whole model", _infer_arguments, run_infer),
-             ("layers", "time each layer of a model, the MoE layer once per expert backend", _layers_arguments,
-              run_layers)]
+    specs = [
+        ("train", "time forward + backward + AdamW steps of a whole model", _train_arguments, run_train),
+        ("infer", "time prefill and KV-cached decoding of a whole model", _infer_arguments, run_infer),
+        ("layers", "time each layer of a model, the MoE layer once per expert backend", _layers_arguments, run_layers),
+    ]
     for name, help_text, add, run in specs:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", required=True, help="model config (YAML or JSON)")
@@ -50,8 +51,9 @@ def _infer_arguments(p: argparse.ArgumentParser) -> None:
 def _layers_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per call (default 4)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: max_seq_len)")
-    p.add_argument("--backends", default=None, help="expert backends, comma-separated (default: eager,torch "
-                                                    "and triton on GPUs)")
+    p.add_argument(
+        "--backends", default=None, help="expert backends, comma-separated (default: eager,torch and triton on GPUs)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -72,16 +74,25 @@ def main(args: argparse.Namespace) -> int:
     try:
         settings, figures = args._bench(args, config, device, dtype)
     except torch.OutOfMemoryError:
-        raise UserError(f"out of memory running {config.name} on {env['device']}: use a smaller batch or a "
-                        f"-mini config (`moe calibrate` projects full-size models layer by layer)") from None
+        raise UserError(
+            f"out of memory running {config.name} on {env['device']}: use a smaller batch or a "
+            f"-mini config (`moe calibrate` projects full-size models layer by layer)"
+        ) from None
     figures = {**figures, "matmul_peak": peak, "datasheet_tflops": datasheet}
     for key, tflops in list(figures.items()):
         if key.endswith("achieved_tflops"):
             prefix = key[: -len("achieved_tflops")]
-            figures[prefix + "mfu"] = {"measured": tflops / peak["tflops"],
-                                       "datasheet": tflops / datasheet if datasheet else None}
-    result = results.record(args._bench_name, env, {"name": config.name, "path": str(args.config)},
-                              {"dtype": dtype, "warmup": args.warmup, "repeats": args.repeats, **settings}, figures)
+            figures[prefix + "mfu"] = {
+                "measured": tflops / peak["tflops"],
+                "datasheet": tflops / datasheet if datasheet else None,
+            }
+    result = results.record(
+        args._bench_name,
+        env,
+        {"name": config.name, "path": str(args.config)},
+        {"dtype": dtype, "warmup": args.warmup, "repeats": args.repeats, **settings},
+        figures,
+    )
     results.publish(result, f"{args._bench_name}-{config.name}", _print, args.json, args.save, args.results_dir)
     return 0
 
@@ -92,31 +103,55 @@ def main(args: argparse.Namespace) -> int:
 def _print(result: dict) -> None:
     env, res, s, bench = result["environment"], result["results"], result["settings"], result["bench"]
     label = "CPU: not representative of a GPU" if env["label"] == "cpu" else "GPU"
-    print(f"moe bench {bench}: {result['config']['name']} on {env['device']} [{label}], {s['dtype']}, "
-          f"torch {env['torch']}, commit {(env['commit'] or 'unknown')[:10]}{' (dirty)' if env['dirty'] else ''}")
+    print(
+        f"moe bench {bench}: {result['config']['name']} on {env['device']} [{label}], {s['dtype']}, "
+        f"torch {env['torch']}, commit {(env['commit'] or 'unknown')[:10]}{' (dirty)' if env['dirty'] else ''}"
+    )
     peak = res["matmul_peak"]
-    print(f"  measured matmul peak {peak['tflops']:.3g} TFLOP/s ({peak['dtype']}, n={peak['n']}); "
-          f"datasheet {results.format_tflops(res['datasheet_tflops'])}")
+    print(
+        f"  measured matmul peak {peak['tflops']:.3g} TFLOP/s ({peak['dtype']}, n={peak['n']}); "
+        f"datasheet {results.format_tflops(res['datasheet_tflops'])}"
+    )
     if bench == "train":
-        _rows([("step", f"{res['step']['median_s'] * 1e3:.4g} ms median ({res['tokens_per_step']} tokens; "
-                        f"p20-p80 {res['step']['p20_s'] * 1e3:.4g}-{res['step']['p80_s'] * 1e3:.4g} ms)"),
-               ("tokens/s", f"{res['tokens_per_s']:.4g}"),
-               ("achieved TFLOP/s", f"{res['achieved_tflops']:.4g} ({res['train_flops_per_token']:.4g} FLOPs/token)"),
-               ("MFU", _mfu(res["mfu"])), ("peak memory", _memory(res["peak_memory"])),
-               ("last loss", f"{res['last_loss']:.4g}")])
+        _rows(
+            [
+                (
+                    "step",
+                    f"{res['step']['median_s'] * 1e3:.4g} ms median ({res['tokens_per_step']} tokens; "
+                    f"p20-p80 {res['step']['p20_s'] * 1e3:.4g}-{res['step']['p80_s'] * 1e3:.4g} ms)",
+                ),
+                ("tokens/s", f"{res['tokens_per_s']:.4g}"),
+                ("achieved TFLOP/s", f"{res['achieved_tflops']:.4g} ({res['train_flops_per_token']:.4g} FLOPs/token)"),
+                ("MFU", _mfu(res["mfu"])),
+                ("peak memory", _memory(res["peak_memory"])),
+                ("last loss", f"{res['last_loss']:.4g}"),
+            ]
+        )
     elif bench == "infer":
-        _rows([("prefill", f"{res['prefill_tokens_per_s']:.4g} tokens/s ({s['batch_size']} x {s['prompt_len']} "
-                           f"tokens in {res['prefill']['median_s'] * 1e3:.4g} ms)"),
-               ("prefill TFLOP/s", f"{res['prefill_achieved_tflops']:.4g}; MFU {_mfu(res['prefill_mfu'])}"),
-               ("decode", f"{res['decode_tokens_per_s']:.4g} tokens/s ({s['batch_size']} sequences, "
-                          f"{res['decode_ms_per_step']:.4g} ms per step, KV cache)"),
-               ("peak memory", _memory(res["peak_memory"]))])
+        _rows(
+            [
+                (
+                    "prefill",
+                    f"{res['prefill_tokens_per_s']:.4g} tokens/s ({s['batch_size']} x {s['prompt_len']} "
+                    f"tokens in {res['prefill']['median_s'] * 1e3:.4g} ms)",
+                ),
+                ("prefill TFLOP/s", f"{res['prefill_achieved_tflops']:.4g}; MFU {_mfu(res['prefill_mfu'])}"),
+                (
+                    "decode",
+                    f"{res['decode_tokens_per_s']:.4g} tokens/s ({s['batch_size']} sequences, "
+                    f"{res['decode_ms_per_step']:.4g} ms per step, KV cache)",
+                ),
+                ("peak memory", _memory(res["peak_memory"])),
+            ]
+        )
     else:
         print(f"  {'layer':<10}{'backend':<9}{'fwd ms':>10}{'fwd+bwd ms':>12}{'tokens/s':>12}{'TFLOP/s':>10}")
         for r in res["layers"]:
             fb = r["forward_backward"]
-            print(f"  {r['layer']:<10}{r['backend'] or '-':<9}{r['forward']['median_s'] * 1e3:>10.4g}"
-                  f"{fb['median_s'] * 1e3:>12.4g}{fb['tokens_per_s']:>12.4g}{fb['tflops']:>10.3g}")
+            print(
+                f"  {r['layer']:<10}{r['backend'] or '-':<9}{r['forward']['median_s'] * 1e3:>10.4g}"
+                f"{fb['median_s'] * 1e3:>12.4g}{fb['tokens_per_s']:>12.4g}{fb['tflops']:>10.3g}"
+            )
         print("  (tokens/s and TFLOP/s of forward + backward)")
 
 
@@ -127,8 +162,10 @@ def _rows(rows: list[tuple[str, str]]) -> None:
 
 
 def _mfu(mfu: dict) -> str:
-    return (f"{results.format_share(mfu['measured'])} of measured peak, "
-            f"{results.format_share(mfu['datasheet'])} of datasheet")
+    return (
+        f"{results.format_share(mfu['measured'])} of measured peak, "
+        f"{results.format_share(mfu['datasheet'])} of datasheet"
+    )
 
 
 def _memory(memory: dict) -> str:

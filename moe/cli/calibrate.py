@@ -13,7 +13,15 @@ from tqdm import tqdm
 from ..config import load_config
 from ..device import pick_device
 from ..perf import components, device_peaks, flops, results, timing
-from ..perf.calibrate import CPU_MIN_WIDTH, CPU_SCALE, CPU_TIMED_SEQ, assumptions, check_plausible, comparison, time_layer
+from ..perf.calibrate import (
+    CPU_MIN_WIDTH,
+    CPU_SCALE,
+    CPU_TIMED_SEQ,
+    assumptions,
+    check_plausible,
+    comparison,
+    time_layer,
+)
 from ..perf.projection import Cluster, Component, ModelShape, project, training_run
 from .errors import UserError
 
@@ -25,11 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     m.add_argument("--seq-len", type=int, default=None, help="training context (default: the config's max_seq_len)")
     m.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward (default 1)")
-    m.add_argument("--scale", type=int, default=None,
-                   help=f"time layers at width / SCALE and extrapolate by FLOPs (default: 1 on GPU; on CPU "
-                        f"{CPU_SCALE}, or less to keep the hidden size >= {CPU_MIN_WIDTH})")
-    m.add_argument("--timed-seq-len", type=int, default=None,
-                   help=f"sequence length actually timed (default: --seq-len on GPU, {CPU_TIMED_SEQ} on CPU)")
+    m.add_argument(
+        "--scale",
+        type=int,
+        default=None,
+        help=f"time layers at width / SCALE and extrapolate by FLOPs (default: 1 on GPU; on CPU "
+        f"{CPU_SCALE}, or less to keep the hidden size >= {CPU_MIN_WIDTH})",
+    )
+    m.add_argument(
+        "--timed-seq-len",
+        type=int,
+        default=None,
+        help=f"sequence length actually timed (default: --seq-len on GPU, {CPU_TIMED_SEQ} on CPU)",
+    )
     m.add_argument("--backend", default=None, help="override the config's expert backend (eager, torch, triton)")
     m.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2 on GPU, 5 on CPU)")
     m.add_argument("--repeats", type=int, default=5)
@@ -66,8 +82,16 @@ def main(args: argparse.Namespace) -> int:
     timed_seq = args.timed_seq_len or (seq_len if on_gpu else min(seq_len, CPU_TIMED_SEQ))
     counts = components.layer_counts(config)
     ep = args.ep or (min(8, config.moe.num_experts) if config.moe else 1)
-    cluster = Cluster(args.gpus, args.gpus_per_node, ep, args.nvlink_gbps, args.ib_gbps, args.overlap,
-                      args.a2a_bytes, global_batch_tokens=args.global_batch_tokens)
+    cluster = Cluster(
+        args.gpus,
+        args.gpus_per_node,
+        ep,
+        args.nvlink_gbps,
+        args.ib_gbps,
+        args.overlap,
+        args.a2a_bytes,
+        global_batch_tokens=args.global_batch_tokens,
+    )
     for key in ("micro_batch", "scale", "timed_seq_len", "tokens", "price"):
         value = getattr(args, key)
         if value is not None and value <= 0:
@@ -81,34 +105,82 @@ def main(args: argparse.Namespace) -> int:
     kinds = [k for k in components.KINDS if counts[k]]
     for kind in tqdm(kinds, desc="measured layers", disable=None):
         try:
-            measured.append(time_layer(kind, config, timed_config, ep, args.micro_batch, seq_len, timed_seq, device,
-                                  dtype, args.warmup, args.repeats))
+            measured.append(
+                time_layer(
+                    kind,
+                    config,
+                    timed_config,
+                    ep,
+                    args.micro_batch,
+                    seq_len,
+                    timed_seq,
+                    device,
+                    dtype,
+                    args.warmup,
+                    args.repeats,
+                )
+            )
         except torch.OutOfMemoryError:
-            raise UserError(f"out of memory measured the {kind} layer of {config.name} on {env['device']}: raise "
-                            f"--ep (experts per GPU), lower --micro-batch, or time at --scale 2") from None
+            raise UserError(
+                f"out of memory measured the {kind} layer of {config.name} on {env['device']}: raise "
+                f"--ep (experts per GPU), lower --micro-batch, or time at --scale 2"
+            ) from None
 
     if on_gpu:  # a CPU shared with other jobs times its own matmul peak too noisily for this check
         check_plausible(measured, peak["tflops"], env["device"])
     model = flops.count(config, seq_len)
-    shape = ModelShape(config.hidden_size, config.moe.top_k if config.moe else 0, counts["moe"],
-                       model.params_total - model.params_routed, model.params_routed, model.train_flops_per_token)
+    shape = ModelShape(
+        config.hidden_size,
+        config.moe.top_k if config.moe else 0,
+        counts["moe"],
+        model.params_total - model.params_routed,
+        model.params_routed,
+        model.train_flops_per_token,
+    )
     parts = [Component(m["kind"], m["count"], m["full_seconds_per_token"], m["full_flops_per_token"]) for m in measured]
     peaks = {"measured": peak["tflops"], "datasheet": datasheet}
     projection = project(parts, shape, cluster, peaks)
     run = training_run(projection, args.tokens, cluster.gpus, args.price)
     compared = comparison(config.name, parts, shape, cluster, peaks, model.train_flops_per_token)
 
-    settings = {"seq_len": seq_len, "micro_batch": args.micro_batch, "scale": scale, "timed_seq_len": timed_seq,
-                "dtype": dtype, "backend": config.moe and config.moe.backend, "ep_degree": ep,
-                "warmup": args.warmup, "repeats": args.repeats}
+    settings = {
+        "seq_len": seq_len,
+        "micro_batch": args.micro_batch,
+        "scale": scale,
+        "timed_seq_len": timed_seq,
+        "dtype": dtype,
+        "backend": config.moe and config.moe.backend,
+        "ep_degree": ep,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+    }
     result = results.record(
-        "calibrate", env, {"name": config.name, "path": str(args.config)}, settings,
-        {"kind": "projection", "scaled": scale != 1 or timed_seq != seq_len, "matmul_peak": peak,
-         "datasheet_tflops": datasheet, "components": measured, "model_flops_per_token": model.train_flops_per_token,
-         "projection": projection.to_dict(), "training_run": asdict(run), "comparison": compared},
-        cluster=asdict(cluster), assumptions=assumptions(cluster, scale, timed_seq, seq_len, on_gpu))
-    results.publish(result, f"calibrate-{config.name}", lambda r: _print(r, config.name, args.config),
-                      args.json, args.save, args.results_dir)
+        "calibrate",
+        env,
+        {"name": config.name, "path": str(args.config)},
+        settings,
+        {
+            "kind": "projection",
+            "scaled": scale != 1 or timed_seq != seq_len,
+            "matmul_peak": peak,
+            "datasheet_tflops": datasheet,
+            "components": measured,
+            "model_flops_per_token": model.train_flops_per_token,
+            "projection": projection.to_dict(),
+            "training_run": asdict(run),
+            "comparison": compared,
+        },
+        cluster=asdict(cluster),
+        assumptions=assumptions(cluster, scale, timed_seq, seq_len, on_gpu),
+    )
+    results.publish(
+        result,
+        f"calibrate-{config.name}",
+        lambda r: _print(r, config.name, args.config),
+        args.json,
+        args.save,
+        args.results_dir,
+    )
     return 0
 
 
@@ -119,11 +191,15 @@ def _print(result: dict, name: str, path: str) -> None:
     print("\nMeasured: one of each layer, forward + backward, median after warm-up")
     print(f"  {'layer':<10}{'count':>6}{'timed ms':>11}{'timed TFLOP/s':>15}{'full us/token':>15}")
     for m in res["components"]:
-        print(f"  {m['kind']:<10}{m['count']:>6}{m['measured']['median_s'] * 1e3:>11.3f}{m['timed_tflops']:>15.3g}"
-              f"{m['full_seconds_per_token'] * 1e6:>15.4g}")
+        print(
+            f"  {m['kind']:<10}{m['count']:>6}{m['measured']['median_s'] * 1e3:>11.3f}{m['timed_tflops']:>15.3g}"
+            f"{m['full_seconds_per_token'] * 1e6:>15.4g}"
+        )
     pk = res["matmul_peak"]
-    print(f"  matmul peak: {pk['tflops']:.3g} TFLOP/s ({pk['dtype']} torch.mm, n={pk['n']}); datasheet: "
-          f"{results.format_tflops(res['datasheet_tflops'])}")
+    print(
+        f"  matmul peak: {pk['tflops']:.3g} TFLOP/s ({pk['dtype']} torch.mm, n={pk['n']}); datasheet: "
+        f"{results.format_tflops(res['datasheet_tflops'])}"
+    )
     print("\nAssumptions")
     for line in result["assumptions"]:
         print(f"  - {line}")
@@ -134,15 +210,24 @@ def _print(result: dict, name: str, path: str) -> None:
         ("all-to-all (EP)", f"{p['all_to_all_s'] * 1e6:.4g} us/token"),
         ("FSDP", f"{p['fsdp_s'] * 1e6:.4g} us/token"),
         ("exposed communication", f"{p['exposed_comm_s'] * 1e6:.4g} us/token"),
-        ("step time", f"{p['step_s']:.4g} s ({result['cluster']['global_batch_tokens'] / result['cluster']['gpus']:,.0f}"
-                      " tokens per GPU)"),
+        (
+            "step time",
+            f"{p['step_s']:.4g} s ({result['cluster']['global_batch_tokens'] / result['cluster']['gpus']:,.0f}"
+            " tokens per GPU)",
+        ),
         ("tokens/s per GPU", f"{p['tokens_per_s_per_gpu']:.4g}"),
-        ("achieved TFLOP/s per GPU", f"{p['achieved_tflops']:.4g} (model FLOPs {res['model_flops_per_token']:.4g}/token)"),
+        (
+            "achieved TFLOP/s per GPU",
+            f"{p['achieved_tflops']:.4g} (model FLOPs {res['model_flops_per_token']:.4g}/token)",
+        ),
         ("MFU vs measured peak", results.format_share(p["mfu"]["measured"])),
         ("MFU vs datasheet peak", results.format_share(p["mfu"]["datasheet"])),
         ("GPU-hours per 1T tokens", f"{p['gpu_hours_per_trillion']:.4g}"),
-        (f"{run['tokens']:.3g} tokens on {run['gpus']} GPUs",
-         f"{run['gpu_hours']:.4g} GPU-hours, {run['days']:.4g} days, ${run['cost']:,.0f} at ${run['price_per_gpu_hour']:g}/GPU-h"),
+        (
+            f"{run['tokens']:.3g} tokens on {run['gpus']} GPUs",
+            f"{run['gpu_hours']:.4g} GPU-hours, {run['days']:.4g} days, "
+            f"${run['cost']:,.0f} at ${run['price_per_gpu_hour']:g}/GPU-h",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -156,8 +241,10 @@ def _print_comparison(rows: list[dict], label: str) -> None:
         return
     print(f"\nPublished and claimed figures (projected on this {label}, with each claim's GPU count)")
     if label == "CPU":
-        print("  On a CPU every GPU figure is off by orders of magnitude: these rows check the arithmetic. "
-              "'implies' does not depend on this device.")
+        print(
+            "  On a CPU every GPU figure is off by orders of magnitude: these rows check the arithmetic. "
+            "'implies' does not depend on this device."
+        )
     units = {"gpu_hours": "GPU-h", "tflops_per_gpu": "TFLOP/s/GPU", "tokens_per_s_per_gpu": "tok/s/GPU"}
     for i, r in enumerate(rows, 1):
         claimed = f"{r['low']:.4g}" + (f"-{r['high']:.4g}" if r["high"] is not None else "")
@@ -173,8 +260,10 @@ def _print_comparison(rows: list[dict], label: str) -> None:
         ratio = "n/a" if r["ratio"] is None else _span(r["ratio"], ".3g")
         projected = "n/a" if r["projected"] is None else f"{r['projected']:.4g}"
         print(f"  [{i}] {r['label']} ({r['kind']})")
-        print(f"      claimed {claimed} {units[r['metric']]}; projected {projected}; claimed/projected {ratio}"
-              f"{'; ' + ', '.join(flags) if flags else ''}")
+        print(
+            f"      claimed {claimed} {units[r['metric']]}; projected {projected}; claimed/projected {ratio}"
+            f"{'; ' + ', '.join(flags) if flags else ''}"
+        )
         print(f"      implies {implied_text}")
         print(f"      source: {r['source']}" + (f"; {r['note']}" if r["note"] else ""))
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..model import Transformer
 from ..io.hf import FAMILIES, load_hf, save_hf
 from ..io.hf.writer import SHARD_BYTES
+from ..model import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -28,14 +28,22 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", type=Path, help="model folder to read (Hugging Face or ours)")
     parser.add_argument("dst", type=Path, help="folder to write")
-    parser.add_argument("--to", choices=("hf", "moe"), default=None,
-                        help="format to write (default: the other one)")
-    parser.add_argument("--family", choices=sorted(FAMILIES), default=None,
-                        help="Hugging Face family to write (default: the first that fits the model)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="dtype of the written weights (default: as read)")
-    parser.add_argument("--max-shard-size", type=parse_size, default=SHARD_BYTES,
-                        help="largest safetensors shard of a Hugging Face export, e.g. 5GB (default), 500MB")
+    parser.add_argument("--to", choices=("hf", "moe"), default=None, help="format to write (default: the other one)")
+    parser.add_argument(
+        "--family",
+        choices=sorted(FAMILIES),
+        default=None,
+        help="Hugging Face family to write (default: the first that fits the model)",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="dtype of the written weights (default: as read)"
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default=SHARD_BYTES,
+        help="largest safetensors shard of a Hugging Face export, e.g. 5GB (default), 500MB",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -69,8 +77,9 @@ def main(args: argparse.Namespace) -> int:
     else:
         model = Transformer.from_pretrained(args.src)
     if to == "hf":
-        save_hf(model, args.dst, family=args.family, dtype=dtype, max_shard_bytes=args.max_shard_size,
-                progress=progress)
+        save_hf(
+            model, args.dst, family=args.family, dtype=dtype, max_shard_bytes=args.max_shard_size, progress=progress
+        )
     else:
         model.save_pretrained(args.dst)
     params = sum(p.numel() for p in model.parameters())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..perf import flops
 from ..config import load_config
 from ..model import layer_plan
+from ..perf import flops
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,8 +36,10 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     moe = config.moe
-    rows = [("model", f"{config.name} ({args.config})"),
-            ("layers", f"{config.num_layers} ({plan.count(False)} dense, {plan.count(True)} MoE)")]
+    rows = [
+        ("model", f"{config.name} ({args.config})"),
+        ("layers", f"{config.num_layers} ({plan.count(False)} dense, {plan.count(True)} MoE)"),
+    ]
     if moe is not None and any(plan):
         routing = f"{moe.num_experts} routed, top-{moe.top_k}, {moe.score_func}"
         if moe.num_shared_experts:
@@ -48,8 +50,10 @@ def main(args: argparse.Namespace) -> int:
     rows += [
         ("params total", _human(counts.params_total)),
         ("params active", f"{_human(counts.params_active)} ({counts.params_active / counts.params_total:.1%})"),
-        ("train FLOPs/token", f"{counts.train_flops_per_token:.4g} (6 x active matmul params + attention at "
-                              f"context {counts.seq_len})"),
+        (
+            "train FLOPs/token",
+            f"{counts.train_flops_per_token:.4g} (6 x active matmul params + attention at context {counts.seq_len})",
+        ),
         ("weights", ", ".join(f"{d} {_human(b, 'B')}" for d, b in report["weight_bytes"].items())),
     ]
     width = max(len(k) for k, _ in rows)

@@ -11,7 +11,6 @@ import typing
 from ..config import load_config
 from ..train import TrainArgs, run
 
-
 METAVARS = {"out": "DIR", "resume": "DIR", "data": "PATH", "time_limit": "SECONDS"}
 
 
@@ -39,9 +38,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def print_summary(s: dict) -> None:
-    print(f"run {s['run_dir']}: step {s['step']}, {s['tokens'] / 1e6:.2f}M tokens, "
-          f"{s['params'] / 1e6:.2f}M params, {s['elapsed_s']:.0f} s of training"
-          + (f", {s['tokens_per_s']:,.0f} tokens/s" if s["tokens_per_s"] else ""))
+    print(
+        f"run {s['run_dir']}: step {s['step']}, {s['tokens'] / 1e6:.2f}M tokens, "
+        f"{s['params'] / 1e6:.2f}M params, {s['elapsed_s']:.0f} s of training"
+        + (f", {s['tokens_per_s']:,.0f} tokens/s" if s["tokens_per_s"] else "")
+    )
     if s["val_loss"] is not None:
         line = f"validation loss: {s['val_loss_start']:.4f} -> {s['val_loss']:.4f} nats per token"
         if s["val_bpb"] is not None:
@@ -58,13 +59,14 @@ def print_summary(s: dict) -> None:
 def load_table(load: dict[int, list[float]], drop_rate: float | None) -> str:
     """Layer x expert shares of the routed assignments (one column per expert up to 16)."""
     num_experts = len(next(iter(load.values())))
-    lines = [f"expert load (share of routed assignments, mean of the last 10 logged steps; "
-             f"uniform = {1 / num_experts:.3f}; drop rate {drop_rate or 0:.1%}):"]
+    lines = [
+        f"expert load (share of routed assignments, mean of the last 10 logged steps; "
+        f"uniform = {1 / num_experts:.3f}; drop rate {drop_rate or 0:.1%}):"
+    ]
     wide = num_experts <= 16
     header = [f"e{i:<4d}" for i in range(num_experts)] if wide else ["min  ", "max  "]
     lines.append("  layer  " + " ".join(header) + "  max/mean")
     for layer, shares in load.items():
         cells = shares if wide else [min(shares), max(shares)]
-        lines.append(f"  {layer:5d}  " + " ".join(f"{v:.3f}" for v in cells)
-                     + f"  {max(shares) * num_experts:8.2f}")
+        lines.append(f"  {layer:5d}  " + " ".join(f"{v:.3f}" for v in cells) + f"  {max(shares) * num_experts:8.2f}")
     return "\n".join(lines)

@@ -20,5 +20,15 @@ from .mesh import ParallelContext, init_parallel, make_context, under_torchrun
 from .parallelize import expert_rows, shard_experts
 from .scope import ProcessGroupScope
 
-__all__ = ["AllToAllDispatcher", "ParallelContext", "ProcessGroupScope", "apply_fsdp", "clip_grad_norm_",
-           "expert_rows", "init_parallel", "make_context", "shard_experts", "under_torchrun"]
+__all__ = [
+    "AllToAllDispatcher",
+    "ParallelContext",
+    "ProcessGroupScope",
+    "apply_fsdp",
+    "clip_grad_norm_",
+    "expert_rows",
+    "init_parallel",
+    "make_context",
+    "shard_experts",
+    "under_torchrun",
+]

@@ -45,7 +45,6 @@ from ..dispatch import DispatchPlan, permute, unpermute
 from ..dispatcher import Dispatched, Dispatcher
 from ..experts import Experts
 
-
 # --------------------------------------------------------------------------- collectives with a backward
 
 
@@ -105,11 +104,11 @@ class AllToAllDispatcher(Dispatcher):
             dist.all_to_all_single(recv_E, kept_E, group=self.ep_group)
             # Host sync, the one expert parallelism needs: all-to-all split sizes are Python ints.
             counts = torch.cat([kept_E, recv_E]).tolist()
-        send, recv = counts[:len(counts) // 2], counts[len(counts) // 2:]
-        send_splits = [sum(send[j * El:(j + 1) * El]) for j in range(ep)]
-        recv_splits = [sum(recv[s * El:(s + 1) * El]) for s in range(ep)]
+        send, recv = counts[: len(counts) // 2], counts[len(counts) // 2 :]
+        send_splits = [sum(send[j * El : (j + 1) * El]) for j in range(ep)]
+        recv_splits = [sum(recv[s * El : (s + 1) * El]) for s in range(ep)]
         with record_function("moe.ep.all_to_all"):
-            got_RD = _AllToAll.apply(rows_RD[:sum(send_splits)], send_splits, recv_splits, self.ep_group)
+            got_RD = _AllToAll.apply(rows_RD[: sum(send_splits)], send_splits, recv_splits, self.ep_group)
 
         local_ids = torch.arange(El, device=x_TD.device).repeat(ep)
         expert_R = torch.repeat_interleave(local_ids, recv_E, output_size=got_RD.shape[0])

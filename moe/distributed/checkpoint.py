@@ -63,7 +63,7 @@ def _slice(name: str, tensor: Tensor, experts: tuple[int, int] | None) -> Slice:
 
 
 def optimizer_slices(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Slice]:
-    """"{param name}.{state key}" -> slice; the moments are laid out as their parameter."""
+    """ "{param name}.{state key}" -> slice; the moments are laid out as their parameter."""
     out = {}
     for name, (param, (_, shape, start)) in _param_entries(model).items():
         for key, value in optimizer.state.get(param, {}).items():
@@ -92,17 +92,24 @@ def gather_json(record: Any, group: dist.ProcessGroup | None = None) -> list[Any
     dist.all_gather(sizes, size, group=group)
     longest = int(max(sizes))
     padded = torch.zeros(longest, dtype=torch.uint8)
-    padded[:data.numel()] = data
+    padded[: data.numel()] = data
     chunks = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(chunks, padded, group=group)
-    return [json.loads(bytes(c[:int(n)].tolist())) for c, n in zip(chunks, sizes)]
+    return [json.loads(bytes(c[: int(n)].tolist())) for c, n in zip(chunks, sizes)]
 
 
 # --------------------------------------------------------------------------- save and resume
 
 
-def save_sharded(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 trainer_state: dict[str, Any], keep_last: int, ctx: ParallelContext) -> Path:
+def save_sharded(
+    root: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+    ctx: ParallelContext,
+) -> Path:
     """Write root/step_{step} from every rank (a collective); trainer_state["rng"] is this rank's."""
     tmp, final = checkpoint_folders(Path(root), step)
     if ctx.rank == 0:
@@ -121,8 +128,9 @@ def save_sharded(root: str | Path, step: int, model: nn.Module, optimizer: torch
     return final
 
 
-def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                 ctx: ParallelContext) -> dict[str, Any]:
+def load_sharded(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: ParallelContext
+) -> dict[str, Any]:
     """Restore this rank's slices (same layout as the save); returns trainer.json with this
     rank's RNG state under "rng"."""
     path = Path(path)
@@ -130,8 +138,10 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     saved = state.get("parallel")
     if saved != ctx.describe():
         where = f"on {saved['world']} ranks (dp {saved['dp']} x ep {saved['ep']})" if saved else "by one process"
-        raise ValueError(f"{path} was saved {where}; this run has {ctx.world_size} ranks (dp {ctx.dp} x ep "
-                         f"{ctx.ep}): resume with the same torchrun --nproc-per-node and --ep")
+        raise ValueError(
+            f"{path} was saved {where}; this run has {ctx.world_size} ranks (dp {ctx.dp} x ep "
+            f"{ctx.ep}): resume with the same torchrun --nproc-per-node and --ep"
+        )
     model_file, optimizer_file = file_names(ctx.rank, ctx.world_size)
     _restore(path / model_file, checked_bytes(path, model_file, state), model_slices(model))
     if optimizer is not None:
@@ -144,8 +154,14 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
             param, expected = params[name]
             if layout[key]["start"] is not None:
                 _check_layout(path / optimizer_file, key, layout[key], tensor, expected)
-                tensor = DTensor.from_local(tensor.to(expected[0].device), param.device_mesh, param.placements,
-                                            run_check=False, shape=param.shape, stride=param.stride())
+                tensor = DTensor.from_local(
+                    tensor.to(expected[0].device),
+                    param.device_mesh,
+                    param.placements,
+                    run_check=False,
+                    shape=param.shape,
+                    stride=param.stride(),
+                )
             optimizer.state[param][state_key] = tensor
     return {**state, "rng": state["rng"][ctx.rank]}
 
@@ -166,8 +182,8 @@ def _restore(path: Path, data: bytes, expected: dict[str, Slice]) -> None:
 def _check_layout(path: Path, name: str, saved: dict[str, Any], tensor: Tensor, expected: Slice) -> None:
     local, shape, start = expected
     if saved != {"shape": shape, "start": start} or tensor.shape != local.shape:
-        raise ValueError(f"{path}: tensor '{name}' was saved as {saved} (here {tuple(tensor.shape)}), but this rank "
-                         f"holds {tuple(local.shape)} of shape {shape} from row {start}: it was saved from another "
-                         f"config or layout")
-
-
+        raise ValueError(
+            f"{path}: tensor '{name}' was saved as {saved} (here {tuple(tensor.shape)}), but this rank "
+            f"holds {tuple(local.shape)} of shape {shape} from row {start}: it was saved from another "
+            f"config or layout"
+        )

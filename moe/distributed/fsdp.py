@@ -55,8 +55,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup 
             continue
         grad = param.grad
         if not isinstance(grad, DTensor) or any(not isinstance(p, Shard) for p in grad.placements):
-            raise ValueError(f"parameter '{name}' is not sharded by apply_fsdp: its gradient norm would be "
-                             f"counted once per rank")
+            raise ValueError(
+                f"parameter '{name}' is not sharded by apply_fsdp: its gradient norm would be counted once per rank"
+            )
         local.append(grad.to_local())
     square = torch.zeros((), dtype=torch.float32, device=local[0].device if local else None)
     for g in local:

@@ -73,13 +73,14 @@ def load_model_state(model: nn.Module, tensors: dict[str, Tensor], source: str) 
         if name not in tensors:
             raise ValueError(f"{source} has no tensor '{name}': it was saved from another config")
         if tuple(tensors[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)} but the "
-                             f"model built from the config expects {tuple(tensor.shape)}: it was saved "
-                             f"from another config")
+            raise ValueError(
+                f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)} but the "
+                f"model built from the config expects {tuple(tensor.shape)}: it was saved "
+                f"from another config"
+            )
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise ValueError(f"{source} has tensor '{extra[0]}' that the model does not: it was saved "
-                         f"from another config")
+        raise ValueError(f"{source} has tensor '{extra[0]}' that the model does not: it was saved from another config")
     model.load_state_dict(tensors, strict=False)  # strict=False only for the tied names left out
 
 
@@ -107,8 +108,10 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_bytes: in
             written.append(directory / f"model-{i:05d}-of-{len(shards):05d}.safetensors")
             write_atomic(written[-1], st_save(shard, metadata={"format": "pt"}))
             weight_map.update({name: written[-1].name for name in shard})
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": weight_map}
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": weight_map,
+        }
         written.append(directory / INDEX_FILE)
         write_atomic(written[-1], json.dumps(index, indent=2).encode())
     write_atomic(directory / CONFIG_FILE, json.dumps(model.config.to_dict(), indent=2).encode())
@@ -133,8 +136,7 @@ def read_model_tensors(directory: Path) -> dict[str, Tensor]:
     return read_safetensors(directory / MODEL_FILE)
 
 
-def load_pretrained(directory: str | Path, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None):
+def load_pretrained(directory: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """The Transformer saved in `directory` by save_pretrained (or a training checkpoint)."""
     directory = Path(directory)
     if not (directory / CONFIG_FILE).is_file():
@@ -157,8 +159,9 @@ def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dic
     return out
 
 
-def load_optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer,
-                           tensors: dict[str, Tensor], source: str) -> None:
+def load_optimizer_tensors(
+    model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], source: str
+) -> None:
     """Inverse of optimizer_tensors; hyperparameters stay those the optimizer was built with."""
     state_dict = optimizer.state_dict()
     params = dict(model.named_parameters())
@@ -172,8 +175,10 @@ def load_optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer,
         if name not in params:
             raise ValueError(f"{source} holds optimizer state for '{name}', which the model does not have")
         if tensor.dim() and tuple(tensor.shape) != tuple(params[name].shape):
-            raise ValueError(f"{source}: optimizer tensor '{key}' has shape {tuple(tensor.shape)} but "
-                             f"parameter '{name}' has {tuple(params[name].shape)}")
+            raise ValueError(
+                f"{source}: optimizer tensor '{key}' has shape {tuple(tensor.shape)} but "
+                f"parameter '{name}' has {tuple(params[name].shape)}"
+            )
         state.setdefault(index_of[name], {})[state_key] = tensor
     state_dict["state"] = state
     optimizer.load_state_dict(state_dict)
@@ -219,8 +224,9 @@ def begin_checkpoint(tmp: Path) -> None:
     tmp.mkdir()
 
 
-def commit_checkpoint(tmp: Path, final: Path, model: nn.Module, trainer_state: dict[str, Any],
-                      sha: dict[str, str], keep_last: int) -> Path:
+def commit_checkpoint(
+    tmp: Path, final: Path, model: nn.Module, trainer_state: dict[str, Any], sha: dict[str, str], keep_last: int
+) -> Path:
     """Write config.json and trainer.json (with the sha256 of every file) into tmp, rename it to
     final (the commit point: before it the folder is step_X.tmp, after it step_X), then prune
     all but the newest keep_last checkpoints. Called once, after every file of tmp is written."""
@@ -236,8 +242,14 @@ def commit_checkpoint(tmp: Path, final: Path, model: nn.Module, trainer_state: d
     return final
 
 
-def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], keep_last: int = 3) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep_last: int = 3,
+) -> Path:
     """Write checkpoint `root/step_{step}` atomically, then keep only the newest keep_last."""
     tmp, final = checkpoint_folders(Path(root), step)
     begin_checkpoint(tmp)
@@ -251,13 +263,17 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
     return commit_checkpoint(tmp, final, model, {"step": step, **trainer_state}, sha, keep_last)
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
     """Restore model (and optimizer) from a checkpoint folder; returns trainer.json's contents."""
     path = Path(path)
     state = read_json(path / TRAINER_FILE)
     if "parallel" in state:
-        raise ValueError(f"{path} is a sharded checkpoint of {state['parallel']['world']} ranks: resume it under "
-                         f"torchrun with the same layout (from_pretrained and generate read its weights anywhere)")
+        raise ValueError(
+            f"{path} is a sharded checkpoint of {state['parallel']['world']} ranks: resume it under "
+            f"torchrun with the same layout (from_pretrained and generate read its weights anywhere)"
+        )
     model_path = path / MODEL_FILE
     load_model_state(model, read_safetensors(model_path, checked_bytes(path, MODEL_FILE, state)), str(model_path))
     if optimizer is not None:

@@ -83,7 +83,7 @@ def read_full_model(directory: str | Path) -> dict[str, Tensor]:
             if start != row:
                 where = "in no rank's file" if start > row else "in two ranks' files"
                 raise ValueError(f"{directory}: rows {min(row, start)}..{max(row, start) - 1} of '{key}' are {where}")
-            out[start:start + tensor.shape[0]] = tensor
+            out[start : start + tensor.shape[0]] = tensor
             row = start + tensor.shape[0]
         if row != out.shape[0]:
             raise ValueError(f"{directory}: rows {row}..{out.shape[0] - 1} of '{key}' are in no rank's file")

@@ -37,8 +37,10 @@ def with_backend(config: ModelConfig, backend: str) -> ModelConfig:
 def _check_fits(needed_bytes: float, device: torch.device, what: str) -> None:
     capacity = timing.memory_capacity(device)
     if capacity is not None and needed_bytes > capacity:
-        raise ValueError(f"{what} needs about {needed_bytes / 2**30:.1f} GiB but {device.type} has "
-                        f"{capacity / 2**30:.1f} GiB: use a -mini config, or `moe calibrate` for full-size models")
+        raise ValueError(
+            f"{what} needs about {needed_bytes / 2**30:.1f} GiB but {device.type} has "
+            f"{capacity / 2**30:.1f} GiB: use a -mini config, or `moe calibrate` for full-size models"
+        )
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -83,14 +85,24 @@ def run_train(args, config: ModelConfig, device: torch.device, dtype: str) -> tu
     last_loss = float(out["loss"] + out["aux_loss"])  # sync, once, after timing: the steps must have produced a number
     tokens = args.batch_size * seq
     tokens_per_s = tokens / measured.median_s
-    settings = {"batch_size": args.batch_size, "seq_len": seq, "backend": config.moe and config.moe.backend,
-                "optimizer": f"AdamW (fused on CUDA), gradient clip {train_args.grad_clip}",
-                "precision": f"fp32 weights, {dtype} autocast"}
-    return settings, {"tokens_per_step": tokens, "step": measured.to_dict(), "tokens_per_s": tokens_per_s,
-                      "train_flops_per_token": counts.train_flops_per_token,
-                      "achieved_tflops": tokens_per_s * counts.train_flops_per_token / 1e12,
-                      "params_total": counts.params_total, "params_active": counts.params_active,
-                      "peak_memory": memory, "last_loss": last_loss}
+    settings = {
+        "batch_size": args.batch_size,
+        "seq_len": seq,
+        "backend": config.moe and config.moe.backend,
+        "optimizer": f"AdamW (fused on CUDA), gradient clip {train_args.grad_clip}",
+        "precision": f"fp32 weights, {dtype} autocast",
+    }
+    return settings, {
+        "tokens_per_step": tokens,
+        "step": measured.to_dict(),
+        "tokens_per_s": tokens_per_s,
+        "train_flops_per_token": counts.train_flops_per_token,
+        "achieved_tflops": tokens_per_s * counts.train_flops_per_token / 1e12,
+        "params_total": counts.params_total,
+        "params_active": counts.params_active,
+        "peak_memory": memory,
+        "last_loss": last_loss,
+    }
 
 
 # --------------------------------------------------------------------------- infer
@@ -122,14 +134,24 @@ def run_infer(args, config: ModelConfig, device: torch.device, dtype: str) -> tu
         decoding = timing.measure(decode, device, args.warmup, args.repeats)
     memory = timing.peak_memory(device)
     prefill_tps = args.batch_size * prompt_len / prefill.median_s
-    settings = {"batch_size": args.batch_size, "prompt_len": prompt_len, "new_tokens": args.new_tokens,
-                "backend": config.moe and config.moe.backend, "precision": f"{dtype} weights", "decoding": "greedy"}
-    return settings, {"prefill": prefill.to_dict(), "prefill_tokens_per_s": prefill_tps,
-                      "prefill_forward_flops_per_token": counts.forward_flops_per_token,
-                      "prefill_achieved_tflops": prefill_tps * counts.forward_flops_per_token / 1e12,
-                      "decode": decoding.to_dict(),
-                      "decode_tokens_per_s": args.batch_size * args.new_tokens / decoding.median_s,
-                      "decode_ms_per_step": decoding.median_s / args.new_tokens * 1e3, "peak_memory": memory}
+    settings = {
+        "batch_size": args.batch_size,
+        "prompt_len": prompt_len,
+        "new_tokens": args.new_tokens,
+        "backend": config.moe and config.moe.backend,
+        "precision": f"{dtype} weights",
+        "decoding": "greedy",
+    }
+    return settings, {
+        "prefill": prefill.to_dict(),
+        "prefill_tokens_per_s": prefill_tps,
+        "prefill_forward_flops_per_token": counts.forward_flops_per_token,
+        "prefill_achieved_tflops": prefill_tps * counts.forward_flops_per_token / 1e12,
+        "decode": decoding.to_dict(),
+        "decode_tokens_per_s": args.batch_size * args.new_tokens / decoding.median_s,
+        "decode_ms_per_step": decoding.median_s / args.new_tokens * 1e3,
+        "peak_memory": memory,
+    }
 
 
 # --------------------------------------------------------------------------- layers
@@ -137,8 +159,11 @@ def run_infer(args, config: ModelConfig, device: torch.device, dtype: str) -> tu
 
 def run_layers(args, config: ModelConfig, device: torch.device, dtype: str) -> tuple[dict, dict]:
     seq = args.seq_len or config.max_seq_len
-    backends = (args.backends.split(",") if args.backends else
-                ["eager", "torch"] + (["triton"] if device.type == "cuda" else []))
+    backends = (
+        args.backends.split(",")
+        if args.backends
+        else ["eager", "torch"] + (["triton"] if device.type == "cuda" else [])
+    )
     for b in backends:
         if b not in ("eager", "torch", "triton"):
             raise ValueError(f"--backends: unknown expert backend {b!r} (expected eager, torch, triton)")
@@ -159,8 +184,11 @@ def run_layers(args, config: ModelConfig, device: torch.device, dtype: str) -> t
             with torch.no_grad() if not backward else torch.enable_grad():
                 measured = timing.measure(step, device, args.warmup, args.repeats)
             tps = args.batch_size * seq / measured.median_s
-            row[mode] = {**measured.to_dict(), "tokens_per_s": tps,
-                         "tflops": tps * train_flops / (1 if backward else 3) / 1e12}
+            row[mode] = {
+                **measured.to_dict(),
+                "tokens_per_s": tps,
+                "tflops": tps * train_flops / (1 if backward else 3) / 1e12,
+            }
         rows.append(row)
         del module
     return {"batch_size": args.batch_size, "seq_len": seq, "backends": backends}, {"layers": rows}

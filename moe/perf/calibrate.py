@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-
 from . import components, device_peaks, timing
 from .projection import Cluster, compare, implied_tflops_per_gpu, project, projected_value
 from .published import claims_for
@@ -37,10 +36,18 @@ def time_layer(kind, config, timed_config, ep, batch, seq_len, timed_seq, device
     timed_flops = components.train_flops_per_token(kind, timed_config, timed_seq, ep)
     full_flops = components.train_flops_per_token(kind, config, seq_len, ep)
     per_token = measured.median_s / timed_tokens
-    return {"kind": kind, "count": components.layer_counts(config)[kind], "timed_config": timed_config.name,
-            "timed_tokens": timed_tokens, "measured": measured.to_dict(), "peak_memory_bytes": memory,
-            "timed_flops_per_token": timed_flops, "timed_tflops": timed_flops / per_token / 1e12,
-            "full_flops_per_token": full_flops, "full_seconds_per_token": per_token * full_flops / timed_flops}
+    return {
+        "kind": kind,
+        "count": components.layer_counts(config)[kind],
+        "timed_config": timed_config.name,
+        "timed_tokens": timed_tokens,
+        "measured": measured.to_dict(),
+        "peak_memory_bytes": memory,
+        "timed_flops_per_token": timed_flops,
+        "timed_tflops": timed_flops / per_token / 1e12,
+        "full_flops_per_token": full_flops,
+        "full_seconds_per_token": per_token * full_flops / timed_flops,
+    }
 
 
 def check_plausible(measured: list[dict], peak_tflops: float, device: str, slack: float = 1.1) -> None:
@@ -52,23 +59,34 @@ def check_plausible(measured: list[dict], peak_tflops: float, device: str, slack
     """
     for m in measured:
         if m["timed_tflops"] > slack * peak_tflops:
-            raise ValueError(f"the {m['kind']} layer ran at {m['timed_tflops']:.4g} TFLOP/s, faster than the "
-                            f"{peak_tflops:.4g} TFLOP/s matmul peak measured on {device} in this run: the "
-                            f"layer skipped work or its FLOPs are miscounted; nothing was projected or saved")
+            raise ValueError(
+                f"the {m['kind']} layer ran at {m['timed_tflops']:.4g} TFLOP/s, faster than the "
+                f"{peak_tflops:.4g} TFLOP/s matmul peak measured on {device} in this run: the "
+                f"layer skipped work or its FLOPs are miscounted; nothing was projected or saved"
+            )
 
 
 def comparison(name, parts, shape, cluster, peaks, flops_per_token) -> list[dict]:
     rows = []
     for claim in claims_for(name):
         # Re-project on the claim's own GPU count: FSDP traffic per token depends on it.
-        c = cluster if claim.gpus is None or claim.gpus % cluster.ep_degree else \
-            Cluster(**{**asdict(cluster), "gpus": claim.gpus})
+        c = (
+            cluster
+            if claim.gpus is None or claim.gpus % cluster.ep_degree
+            else Cluster(**{**asdict(cluster), "gpus": claim.gpus})
+        )
         p = project(parts, shape, c, peaks)
         implied = implied_tflops_per_gpu(claim, flops_per_token)
         peak = device_peaks.datasheet_tflops(claim.hardware, "bf16") if claim.hardware else None
-        rows.append({**asdict(claim), "gpus_projected": c.gpus, "implied_tflops_per_gpu": implied,
-                     "implied_mfu_bf16": None if implied is None or peak is None else (implied[0] / peak, implied[1] / peak),
-                     **compare(claim, projected_value(claim, p, flops_per_token))})
+        rows.append(
+            {
+                **asdict(claim),
+                "gpus_projected": c.gpus,
+                "implied_tflops_per_gpu": implied,
+                "implied_mfu_bf16": None if implied is None or peak is None else (implied[0] / peak, implied[1] / peak),
+                **compare(claim, projected_value(claim, p, flops_per_token)),
+            }
+        )
     return rows
 
 
@@ -89,8 +107,11 @@ def assumptions(c: Cluster, scale: int, timed_seq: int, seq_len: int, on_gpu: bo
         "layer times are this device's; published figures ran on other GPUs, often in FP8",
     ]
     if scale != 1 or timed_seq != seq_len:
-        lines.insert(0, f"layers timed at width / {scale} on {timed_seq}-token sequences and extrapolated to full "
-                        f"size by the FLOP ratio (assumes equal FLOP/s at both sizes)")
+        lines.insert(
+            0,
+            f"layers timed at width / {scale} on {timed_seq}-token sequences and extrapolated to full "
+            f"size by the FLOP ratio (assumes equal FLOP/s at both sizes)",
+        )
     if not on_gpu:
         lines.insert(0, "CPU RUN: a check of the machinery, not a projection of any real training")
     return lines

@@ -27,7 +27,7 @@ j*P .. j*P+P-1 (contiguous after the sort).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +74,13 @@ class RankMoE(MoE):
             raise ValueError(f"expert-parallel degree {ep_degree} must divide num_experts ({config.num_experts})")
         with torch.device("meta"):
             super().__init__(config, hidden_size)
-            local = dataclasses.replace(config, num_experts=config.num_experts // ep_degree, n_group=1, topk_group=1,
-                                        top_k=min(config.top_k, config.num_experts // ep_degree))
+            local = dataclasses.replace(
+                config,
+                num_experts=config.num_experts // ep_degree,
+                n_group=1,
+                topk_group=1,
+                top_k=min(config.top_k, config.num_experts // ep_degree),
+            )
             self.experts = Experts(local, hidden_size)
         self.ep_degree = ep_degree
         self.dispatcher = RankDispatcher(ep_degree)
@@ -86,7 +91,6 @@ class RankMoE(MoE):
                 nn.init.normal_(p, std=0.02)
             for b in self.buffers():
                 b.zero_()  # expert bias and load counters start at zero, as in MoE
-
 
 
 class AttentionPart(nn.Module):
@@ -163,8 +167,9 @@ def train_flops_per_token(kind: str, config: ModelConfig, seq_len: int, ep_degre
     return 6.0 * params + attention
 
 
-def make_step(kind: str, module: nn.Module, config: ModelConfig, batch: int, seq_len: int,
-              backward: bool = True) -> Callable[[], object]:
+def make_step(
+    kind: str, module: nn.Module, config: ModelConfig, batch: int, seq_len: int, backward: bool = True
+) -> Callable[[], object]:
     """A closure running the component on random input: forward, or forward + backward.
 
     The backward computes the input's gradient (what the layer below needs) and every
@@ -199,10 +204,20 @@ def scale_config(config: ModelConfig, factor: int) -> ModelConfig:
 
     heads = cut(config.num_heads)
     kv = config.num_kv_heads and max(d for d in range(1, heads + 1) if heads % d == 0 and d <= cut(config.num_kv_heads))
-    moe = config.moe and dataclasses.replace(config.moe, expert_ffn_size=cut(config.moe.expert_ffn_size),
-                                             shared_ffn_size=cut(config.moe.shared_ffn_size))
+    moe = config.moe and dataclasses.replace(
+        config.moe, expert_ffn_size=cut(config.moe.expert_ffn_size), shared_ffn_size=cut(config.moe.shared_ffn_size)
+    )
     head_dim = config.head_dim or config.dim_per_head  # keep per-head widths
     return dataclasses.replace(
-        config, name=f"{config.name}/{factor}", vocab_size=cut(config.vocab_size), hidden_size=cut(config.hidden_size),
-        num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_size=cut(config.ffn_size),
-        q_lora_rank=cut(config.q_lora_rank), kv_lora_rank=cut(config.kv_lora_rank), moe=moe)
+        config,
+        name=f"{config.name}/{factor}",
+        vocab_size=cut(config.vocab_size),
+        hidden_size=cut(config.hidden_size),
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        intermediate_size=cut(config.ffn_size),
+        q_lora_rank=cut(config.q_lora_rank),
+        kv_lora_rank=cut(config.kv_lora_rank),
+        moe=moe,
+    )

@@ -29,23 +29,41 @@ SPECS = {
         # (docs/published_configs.md, Part D): 989.4 BF16 dense, 1,979 with sparsity.
         DeviceSpec("h100-sxm", "NVIDIA H100 SXM", dict(_HOPPER), "NVIDIA H100 datasheet (SXM5)"),
         # Same datasheet, PCIe and NVL columns (sparse figures halved: 1,513 -> 756.5, 1,671 -> 835.5).
-        DeviceSpec("h100-pcie", "NVIDIA H100 PCIe",
-                   {"bf16": 756.5, "fp16": 756.5, "fp8": 1513.0, "tf32": 378.0, "fp32": 51.2},
-                   "NVIDIA H100 datasheet (PCIe)"),
-        DeviceSpec("h100-nvl", "NVIDIA H100 NVL",
-                   {"bf16": 835.5, "fp16": 835.5, "fp8": 1670.5, "tf32": 417.5, "fp32": 60.0},
-                   "NVIDIA H100 datasheet (NVL, per GPU)"),
+        DeviceSpec(
+            "h100-pcie",
+            "NVIDIA H100 PCIe",
+            {"bf16": 756.5, "fp16": 756.5, "fp8": 1513.0, "tf32": 378.0, "fp32": 51.2},
+            "NVIDIA H100 datasheet (PCIe)",
+        ),
+        DeviceSpec(
+            "h100-nvl",
+            "NVIDIA H100 NVL",
+            {"bf16": 835.5, "fp16": 835.5, "fp8": 1670.5, "tf32": 417.5, "fp32": 60.0},
+            "NVIDIA H100 datasheet (NVL, per GPU)",
+        ),
         # The export variant of the H100 SXM: the same tensor cores, NVLink cut to 400 GB/s.
-        DeviceSpec("h800-sxm", "NVIDIA H800 SXM", dict(_HOPPER),
-                   "assumed equal to H100 SXM compute (NVLink 400 GB/s); no primary datasheet found"),
+        DeviceSpec(
+            "h800-sxm",
+            "NVIDIA H800 SXM",
+            dict(_HOPPER),
+            "assumed equal to H100 SXM compute (NVLink 400 GB/s); no primary datasheet found",
+        ),
         # The H100 die with HBM3e (141 GB, 4.8 TB/s): same compute.
         DeviceSpec("h200-sxm", "NVIDIA H200 SXM", dict(_HOPPER), "NVIDIA H200 datasheet (SXM)"),
         DeviceSpec("gh200", "NVIDIA GH200", dict(_HOPPER), "NVIDIA GH200 datasheet (H100 compute)"),
-        DeviceSpec("a100", "NVIDIA A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
-                   "NVIDIA A100 datasheet (SXM4 and PCIe share the tensor-core peak)"),
+        DeviceSpec(
+            "a100",
+            "NVIDIA A100",
+            {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+            "NVIDIA A100 datasheet (SXM4 and PCIe share the tensor-core peak)",
+        ),
         # HGX B200 at 1,000 W: BF16 2,250 dense / 4,500 sparse (glennklockwood.com/garden/processors/B200).
-        DeviceSpec("b200", "NVIDIA B200", {"bf16": 2250.0, "fp16": 2250.0, "fp8": 4500.0, "tf32": 1100.0,
-                                           "fp32": 80.0}, "NVIDIA HGX B200 datasheet (1,000 W)"),
+        DeviceSpec(
+            "b200",
+            "NVIDIA B200",
+            {"bf16": 2250.0, "fp16": 2250.0, "fp8": 4500.0, "tf32": 1100.0, "fp32": 80.0},
+            "NVIDIA HGX B200 datasheet (1,000 W)",
+        ),
     ]
 }
 

@@ -58,8 +58,9 @@ def count(config: ModelConfig, seq_len: int | None = None) -> ModelCounts:
     active = active_params(model)
     # A tied table is one parameter but two uses: a lookup (free) and the LM head (a matmul).
     matmul_active = active - embedding + (embedding if config.tie_embeddings else 0)
-    return ModelCounts(total, active, embedding, routed, matmul_active,
-                       attention_flops_per_token(config, seq_len), seq_len)
+    return ModelCounts(
+        total, active, embedding, routed, matmul_active, attention_flops_per_token(config, seq_len), seq_len
+    )
 
 
 def active_params(module: nn.Module) -> int:

@@ -45,8 +45,17 @@ class Cluster:
     global_batch_tokens: float = 15360 * 4096  # DeepSeek-V3's final batch: 15,360 sequences of 4,096
 
     def __post_init__(self) -> None:
-        for key in ("gpus", "gpus_per_node", "ep_degree", "nvlink_GBps", "ib_GBps", "a2a_bytes",
-                    "param_bytes", "grad_bytes", "global_batch_tokens"):
+        for key in (
+            "gpus",
+            "gpus_per_node",
+            "ep_degree",
+            "nvlink_GBps",
+            "ib_GBps",
+            "a2a_bytes",
+            "param_bytes",
+            "grad_bytes",
+            "global_batch_tokens",
+        ):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)!r}")
         if not 0.0 <= self.overlap <= 1.0:
@@ -117,8 +126,9 @@ class Projection:
         return asdict(self)
 
 
-def project(components: list[Component], shape: ModelShape, c: Cluster,
-            peaks_tflops: dict[str, float | None] | None = None) -> Projection:
+def project(
+    components: list[Component], shape: ModelShape, c: Cluster, peaks_tflops: dict[str, float | None] | None = None
+) -> Projection:
     compute = sum(k.count * k.seconds_per_token for k in components)
     a2a = all_to_all_seconds_per_token(shape, c) if shape.moe_layers else 0.0
     fsdp = fsdp_seconds_per_token(shape, c)
@@ -128,8 +138,18 @@ def project(components: list[Component], shape: ModelShape, c: Cluster,
     tokens_per_s = 1.0 / per_token
     achieved = tokens_per_s * shape.flops_per_token / 1e12
     mfu = {name: (achieved / peak if peak else None) for name, peak in (peaks_tflops or {}).items()}
-    return Projection(compute, a2a, fsdp, exposed, per_token, tokens_per_s, achieved,
-                      per_token * c.tokens_per_gpu_step, 1e12 / tokens_per_s / SECONDS_PER_HOUR, mfu)
+    return Projection(
+        compute,
+        a2a,
+        fsdp,
+        exposed,
+        per_token,
+        tokens_per_s,
+        achieved,
+        per_token * c.tokens_per_gpu_step,
+        1e12 / tokens_per_s / SECONDS_PER_HOUR,
+        mfu,
+    )
 
 
 @dataclass
@@ -144,8 +164,9 @@ class TrainingRun:
 
 def training_run(p: Projection, tokens: float, gpus: int, price_per_gpu_hour: float) -> TrainingRun:
     gpu_hours = tokens / p.tokens_per_s_per_gpu / SECONDS_PER_HOUR
-    return TrainingRun(tokens, gpus, gpu_hours, gpu_hours / gpus / 24.0, gpu_hours * price_per_gpu_hour,
-                       price_per_gpu_hour)
+    return TrainingRun(
+        tokens, gpus, gpu_hours, gpu_hours / gpus / 24.0, gpu_hours * price_per_gpu_hour, price_per_gpu_hour
+    )
 
 
 # --------------------------------------------------------------------------- published figures

@@ -12,9 +12,10 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -67,20 +68,40 @@ def _git() -> dict[str, Any]:
     """Commit of the checkout the code runs from, and whether it had uncommitted changes."""
     root = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, timeout=10, check=True).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
-def record(bench: str, env: dict[str, Any], config: dict[str, Any], settings: dict[str, Any],
-           results: dict[str, Any], **extra: Any) -> dict[str, Any]:
+def record(
+    bench: str,
+    env: dict[str, Any],
+    config: dict[str, Any],
+    settings: dict[str, Any],
+    results: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
     """One result object; every bench writes this shape (tests/perf/test_timing_results.py holds it)."""
-    return {"schema": SCHEMA, "bench": bench, "environment": env, "config": config,
-            "settings": settings, "results": results, **extra}
+    return {
+        "schema": SCHEMA,
+        "bench": bench,
+        "environment": env,
+        "config": config,
+        "settings": settings,
+        "results": results,
+        **extra,
+    }
 
 
 def save(result: dict[str, Any], name: str, results_dir: str | Path | None = None) -> Path:
@@ -92,8 +113,14 @@ def save(result: dict[str, Any], name: str, results_dir: str | Path | None = Non
     return path
 
 
-def publish(result: dict[str, Any], name: str, print_table: Callable[[dict[str, Any]], None], as_json: bool,
-            save_result: bool, results_dir: str | Path | None = None) -> None:
+def publish(
+    result: dict[str, Any],
+    name: str,
+    print_table: Callable[[dict[str, Any]], None],
+    as_json: bool,
+    save_result: bool,
+    results_dir: str | Path | None = None,
+) -> None:
     """What every bench command does with its record: print it (JSON, or the bench's own table)
     and, when asked, save it as <name>.json, saying where unless the output is JSON."""
     if as_json:

@@ -14,9 +14,10 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_dtype(name: str, device: torch.device) -> str:
-    """"auto" is bf16 on GPUs (what training runs use) and fp32 on CPUs (bf16 is emulated there)."""
+    """ "auto" is bf16 on GPUs (what training runs use) and fp32 on CPUs (bf16 is emulated there)."""
     if name == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if name not in DTYPES:
@@ -112,8 +113,9 @@ def _measure_cuda(fn: Callable[[], Any], device: torch.device, warmup: int, repe
         end.record()
         torch.cuda.synchronize(device)
         estimate_ms = max(start.elapsed_time(end), 1e-3)
-        p20, median, p80 = do_bench(fn, warmup=estimate_ms * warmup, rep=estimate_ms * repeats,
-                                    quantiles=[0.2, 0.5, 0.8])
+        p20, median, p80 = do_bench(
+            fn, warmup=estimate_ms * warmup, rep=estimate_ms * repeats, quantiles=[0.2, 0.5, 0.8]
+        )
         return Timing(median / 1e3, p20 / 1e3, p80 / 1e3, warmup, repeats, "triton.testing.do_bench")
     for _ in range(warmup):
         fn()
@@ -133,8 +135,9 @@ def _summary(times: list[float], warmup: int, repeats: int, timer: str) -> Timin
     return Timing(statistics.median(times), deciles[1], deciles[7], warmup, repeats, timer)
 
 
-def matmul_peak(device: torch.device, dtype: str, n: int | None = None, warmup: int = 2,
-                repeats: int = 5) -> dict[str, Any]:
+def matmul_peak(
+    device: torch.device, dtype: str, n: int | None = None, warmup: int = 2, repeats: int = 5
+) -> dict[str, Any]:
     """The dense matmul throughput this device really reaches: an [n, n] @ [n, n] torch.mm.
 
     The denominator of "MFU vs measured peak". n defaults to 8192 on GPUs (large enough to

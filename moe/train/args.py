@@ -15,8 +15,11 @@ class TrainArgs:
     """Everything about a training run that is not the model. The CLI flags are these fields."""
 
     out: str | None = _arg(None, "run folder (default runs/<config name>)")
-    data: str | None = _arg(None, "text file, folder of text files, or token file (.npy, .bin); "
-                                  "default: the Python standard library's source as bytes")
+    data: str | None = _arg(
+        None,
+        "text file, folder of text files, or token file (.npy, .bin); "
+        "default: the Python standard library's source as bytes",
+    )
     token_dtype: str = _arg("uint16", "dtype of a raw .bin token file: uint16 or uint32")
     val_fraction: float = _arg(0.1, "share of the corpus held out for validation")
     steps: int = _arg(600, "optimizer steps; the learning-rate schedule spans them")
@@ -36,8 +39,11 @@ class TrainArgs:
     save_every: int = _arg(200, "steps between checkpoints (one is always written at the end)")
     keep_last: int = _arg(3, "checkpoints kept")
     seed: int = _arg(0, "seed of the initialisation and of the data order")
-    ep: int = _arg(1, "expert parallelism under torchrun: split each layer's experts over this many ranks "
-                      "(it must divide the number of processes; the rest is data parallelism)")
+    ep: int = _arg(
+        1,
+        "expert parallelism under torchrun: split each layer's experts over this many ranks "
+        "(it must divide the number of processes; the rest is data parallelism)",
+    )
     dist_timeout: float = _arg(600.0, "under torchrun: seconds a collective may wait before the run fails")
     device: str = _arg("auto", "cpu, cuda, cuda:N or auto")
     compile: bool = _arg(False, "torch.compile the model")
@@ -49,8 +55,18 @@ class TrainArgs:
     plots: bool = _arg(True, "draw PNG plots from metrics.jsonl at the end")
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every",
-                    "save_every", "keep_last", "ep", "dist_timeout"):
+        for key in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+            "save_every",
+            "keep_last",
+            "ep",
+            "dist_timeout",
+        ):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
         if self.seq_len is not None and self.seq_len <= 0:

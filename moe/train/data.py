@@ -66,8 +66,11 @@ def load_corpus(path: str | Path | None = None, token_dtype: str = "uint16") -> 
         return Corpus(_read_bytes(files), f"python stdlib ({len(files)} files)", True)
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not files or not any(p.stat().st_size for p in files):
             raise ValueError(f"data folder {path} holds no non-empty files")
         return Corpus(_read_bytes(files), f"{path} ({len(files)} files)", True)
@@ -76,8 +79,9 @@ def load_corpus(path: str | Path | None = None, token_dtype: str = "uint16") -> 
     if path.suffix == ".npy":
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
         if tokens.dtype not in (np.uint16, np.uint32) or tokens.ndim != 1:
-            raise ValueError(f"{path}: token file must be a 1-D uint16 or uint32 array, "
-                             f"got {tokens.dtype} with shape {tokens.shape}")
+            raise ValueError(
+                f"{path}: token file must be a 1-D uint16 or uint32 array, got {tokens.dtype} with shape {tokens.shape}"
+            )
         return Corpus(tokens, str(path), False)
     if path.suffix == ".bin":
         if token_dtype not in TOKEN_DTYPES:
@@ -99,8 +103,10 @@ def _read_bytes(files: list[Path]) -> np.ndarray:
 def check_vocab(corpus: Corpus, vocab_size: int) -> None:
     """Raise if a token id of the corpus has no embedding in a model of this vocabulary."""
     if corpus.max_token >= vocab_size:
-        raise ValueError(f"token id {corpus.max_token} in {corpus.source} is outside the vocabulary "
-                         f"(config vocab_size = {vocab_size})")
+        raise ValueError(
+            f"token id {corpus.max_token} in {corpus.source} is outside the vocabulary "
+            f"(config vocab_size = {vocab_size})"
+        )
 
 
 # --------------------------------------------------------------------------- split
@@ -151,12 +157,15 @@ class BatchSampler:
     """Random training windows; rank r of world_size draws only from its own 1/world_size
     of the window offsets, with its own random stream."""
 
-    def __init__(self, view: TokenView, batch_size: int, seq_len: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, view: TokenView, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1
+    ):
         num_offsets = len(view) - seq_len  # each window holds seq_len + 1 tokens (inputs + next)
         if num_offsets < world_size:
-            raise ValueError(f"the training split has {len(view)} tokens, too few for sequences of "
-                             f"{seq_len} + 1 tokens (use a larger corpus or a smaller --seq-len)")
+            raise ValueError(
+                f"the training split has {len(view)} tokens, too few for sequences of "
+                f"{seq_len} + 1 tokens (use a larger corpus or a smaller --seq-len)"
+            )
         self.view, self.batch_size, self.seq_len, self.seed = view, batch_size, seq_len, seed
         self.rank = rank
         self.low = rank * num_offsets // world_size
@@ -185,8 +194,10 @@ def eval_batches(view: TokenView, batch_size: int, seq_len: int, num_batches: in
     the same at every evaluation, so validation losses are comparable across steps and runs."""
     num_offsets = len(view) - seq_len
     if num_offsets < 1:
-        raise ValueError(f"the validation split has {len(view)} tokens, too few for sequences of "
-                         f"{seq_len} + 1 tokens (use a larger corpus or a smaller --seq-len)")
+        raise ValueError(
+            f"the validation split has {len(view)} tokens, too few for sequences of "
+            f"{seq_len} + 1 tokens (use a larger corpus or a smaller --seq-len)"
+        )
     offsets = np.linspace(0, num_offsets - 1, batch_size * num_batches).astype(np.int64)
     batches = []
     for chunk in np.array_split(offsets, num_batches):

@@ -34,8 +34,10 @@ class Distributed(Runtime):
 
     def __init__(self, args: TrainArgs):
         if args.compile:
-            raise ValueError("--compile is not supported under torchrun yet (expert parallelism reads its "
-                             "all-to-all sizes on the host, and this path is not tested compiled)")
+            raise ValueError(
+                "--compile is not supported under torchrun yet (expert parallelism reads its "
+                "all-to-all sizes on the host, and this path is not tested compiled)"
+            )
         self.ctx = init_parallel(args.ep, args.device, args.dist_timeout)
         super().__init__(rank=self.ctx.rank, world_size=self.ctx.world_size)
 
@@ -71,8 +73,15 @@ class Distributed(Runtime):
     def load_checkpoint(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return load_sharded(path, model, optimizer, self.ctx)
 
-    def save_checkpoint(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        state: dict[str, Any], keep_last: int) -> Path:
+    def save_checkpoint(
+        self,
+        root: Path,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Any],
+        keep_last: int,
+    ) -> Path:
         return save_sharded(root, step, model, optimizer, state, keep_last, self.ctx)
 
     def barrier(self) -> None:

@@ -1,10 +1,10 @@
 """PNG plots of a run, drawn from its metrics.jsonl (see moe/train/metrics.py for the rows).
 
-    loss.png         training loss (raw and smoothed) and validation loss against tokens, in nats
-                     per token with a bits axis; beside it the balance: the worst layer's
-                     max/mean expert load and the drop rate over training
-    expert_load.png  heatmap, MoE layer x expert: each expert's share of the routed assignments
-                     at the start and at the end of the run (a balanced layer is flat at 1/E)
+loss.png         training loss (raw and smoothed) and validation loss against tokens, in nats
+                 per token with a bits axis; beside it the balance: the worst layer's
+                 max/mean expert load and the drop rate over training
+expert_load.png  heatmap, MoE layer x expert: each expert's share of the routed assignments
+                 at the start and at the end of the run (a balanced layer is flat at 1/E)
 """
 
 from __future__ import annotations
@@ -59,8 +59,14 @@ def plot_losses(rows: list[dict], path: Path) -> Path:
     ax.plot(x, loss, color="tab:blue", alpha=0.3, lw=1, label="train (per step)")
     ax.plot(x, _ema(loss), color="tab:blue", lw=2, label="train (smoothed)")
     if evals:
-        ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:orange",
-                lw=2, label="validation")
+        ax.plot(
+            [r["tokens"] for r in evals],
+            [r["val_loss"] for r in evals],
+            "o-",
+            color="tab:orange",
+            lw=2,
+            label="validation",
+        )
     ax.set_xlabel("training tokens")
     ax.set_ylabel("cross-entropy (nats per token)")
     bits_ax = ax.secondary_yaxis("right", functions=(lambda n: n / math.log(2), lambda b: b * math.log(2)))
@@ -94,8 +100,7 @@ def plot_expert_load(rows: list[dict], path: Path, window: int = 10) -> Path:
     num_experts = grids[0].shape[1]
     vmax = max(g.max() for g in grids)
     width = 2.5 + 2 * 0.45 * max(6, min(num_experts, 32))
-    fig, axes = plt.subplots(1, 2, figsize=(width, 2.2 + 0.45 * len(layer_ids)), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(width, 2.2 + 0.45 * len(layer_ids)), squeeze=False, layout="constrained")
     for ax, (label, part), grid in zip(axes[0], phases, grids):
         im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
         ax.set_title(f"{label} (steps {part[0]['step']}-{part[-1]['step']})")
@@ -105,8 +110,15 @@ def plot_expert_load(rows: list[dict], path: Path, window: int = 10) -> Path:
         if num_experts <= 32:
             ax.set_xticks(range(num_experts))
             for (i, j), share in np.ndenumerate(grid):
-                ax.text(j, i, f"{share:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if share < 0.6 * vmax else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{share:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if share < 0.6 * vmax else "black",
+                )
     fig.colorbar(im, ax=axes[0].tolist(), label="share of assignments")
     fig.suptitle(f"expert load per MoE layer: share of the routed assignments (uniform = {1 / num_experts:.3f})")
     return save_figure(fig, path)

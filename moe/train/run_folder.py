@@ -30,8 +30,10 @@ def locate_run(name: str, out: str | None, resume: str | None, overwrite: bool) 
     if continuing:
         newer = [p.name for p in checkpoint.checkpoint_dirs(resume_from.parent) if p.name > resume_from.name]
         if newer:
-            raise ValueError(f"{run_dir} has checkpoints newer than {resume_from.name} ({', '.join(newer)}): "
-                             f"resume from the run folder, or move them away first")
+            raise ValueError(
+                f"{run_dir} has checkpoints newer than {resume_from.name} ({', '.join(newer)}): "
+                f"resume from the run folder, or move them away first"
+            )
     else:
         check_run_dir(run_dir, overwrite)
     return run_dir, resume_from, continuing
@@ -43,8 +45,10 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
         raise NotADirectoryError(f"output {run_dir} exists and is not a folder")
     held = [name for name in RUN_FILES if (run_dir / name).exists()]
     if held and not overwrite:
-        raise FileExistsError(f"{run_dir} holds another run ({', '.join(held)}); pass --resume {run_dir} "
-                              f"to continue it or --overwrite to replace it")
+        raise FileExistsError(
+            f"{run_dir} holds another run ({', '.join(held)}); pass --resume {run_dir} "
+            f"to continue it or --overwrite to replace it"
+        )
 
 
 def clear_run_dir(run_dir: Path) -> None:

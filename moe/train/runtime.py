@@ -64,8 +64,15 @@ class Runtime(ABC):
         """Restore model and optimizer; returns the trainer state saved with them."""
 
     @abstractmethod
-    def save_checkpoint(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        state: dict[str, Any], keep_last: int) -> Path:
+    def save_checkpoint(
+        self,
+        root: Path,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Any],
+        keep_last: int,
+    ) -> Path:
         """Write root/step_{step}, keeping the last keep_last checkpoints; returns its folder."""
 
     @abstractmethod
@@ -86,8 +93,10 @@ class SingleProcess(Runtime):
 
     def __init__(self, args: TrainArgs):
         if args.ep > 1:
-            raise ValueError(f"--ep {args.ep} needs several processes: launch with "
-                             f"torchrun --nproc-per-node N -m moe train ... --ep {args.ep}")
+            raise ValueError(
+                f"--ep {args.ep} needs several processes: launch with "
+                f"torchrun --nproc-per-node N -m moe train ... --ep {args.ep}"
+            )
         super().__init__(rank=0, world_size=1)
 
     def device(self, name: str) -> torch.device:
@@ -111,8 +120,15 @@ class SingleProcess(Runtime):
     def load_checkpoint(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return checkpoint.load_checkpoint(path, model, optimizer)
 
-    def save_checkpoint(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        state: dict[str, Any], keep_last: int) -> Path:
+    def save_checkpoint(
+        self,
+        root: Path,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Any],
+        keep_last: int,
+    ) -> Path:
         return checkpoint.save_checkpoint(root, step, model, optimizer, state, keep_last)
 
     def barrier(self) -> None:

@@ -42,8 +42,10 @@ def build_optimizer(model: nn.Module, args: TrainArgs, fused: bool | None = None
     """AdamW; matrices (weights, expert stacks, embeddings) decay, norms and biases do not.
     fused: torch's fused CUDA kernel; None is torch's default (what `moe train` uses)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
 
 
@@ -68,10 +70,16 @@ def clip_gradients(model: nn.Module, max_norm: float) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
 
 
-def train_step(model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
-               batches: Batches, args: TrainArgs, device: torch.device,
-               clip: Callable[[nn.Module, float], Tensor] = clip_gradients,
-               autocast: AbstractContextManager | None = None) -> dict[str, Tensor]:
+def train_step(
+    model: nn.Module,
+    forward: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Batches,
+    args: TrainArgs,
+    device: torch.device,
+    clip: Callable[[nn.Module, float], Tensor] = clip_gradients,
+    autocast: AbstractContextManager | None = None,
+) -> dict[str, Tensor]:
     """One optimizer step over grad_accum micro-batches; returns device tensors (no sync).
 
     `forward` is what runs the batch (the model itself, or its torch.compile wrapper);

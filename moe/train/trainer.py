@@ -74,8 +74,10 @@ class Trainer:
         self.config, self.args, self.rt = config, args, runtime
         self.device = runtime.device(args.device)
         if args.compile and self.device.type == "cpu" and config.moe is not None and config.moe.backend == "torch":
-            raise ValueError("--compile on CPU needs 'backend: eager' under moe: in the config (torch's "
-                             "grouped_mm compiles only in bf16, which CUDA training uses)")
+            raise ValueError(
+                "--compile on CPU needs 'backend: eager' under moe: in the config (torch's "
+                "grouped_mm compiles only in bf16, which CUDA training uses)"
+            )
         self.run_dir, resume_from, continuing = locate_run(config.name, args.out, args.resume, args.overwrite)
         # Everything that can fail on bad input happens before the run folder is touched.
         self._load_data()
@@ -100,13 +102,25 @@ class Trainer:
         check_vocab(self.corpus, self.config.vocab_size)
         self.seq_len = args.seq_len or self.config.max_seq_len
         train_ranges, val_ranges = split_ranges(len(self.corpus.tokens), args.val_fraction)
-        self.sampler = BatchSampler(TokenView(self.corpus.tokens, train_ranges), args.batch_size, self.seq_len,
-                                    args.seed, rt.rank, rt.world_size)
+        self.sampler = BatchSampler(
+            TokenView(self.corpus.tokens, train_ranges),
+            args.batch_size,
+            self.seq_len,
+            args.seed,
+            rt.rank,
+            rt.world_size,
+        )
         # One validation set for any number of ranks: each evaluates its rows of every batch.
         mine = slice(rt.rank * args.batch_size, (rt.rank + 1) * args.batch_size)
-        self.val_set = [(x_BS[mine], y_BS[mine]) for x_BS, y_BS in eval_batches(
-            TokenView(self.corpus.tokens, val_ranges), args.batch_size * rt.world_size, self.seq_len,
-            args.eval_batches)]
+        self.val_set = [
+            (x_BS[mine], y_BS[mine])
+            for x_BS, y_BS in eval_batches(
+                TokenView(self.corpus.tokens, val_ranges),
+                args.batch_size * rt.world_size,
+                self.seq_len,
+                args.eval_batches,
+            )
+        ]
 
     def _resume(self, path: Path) -> None:
         state = self.rt.load_checkpoint(path, self.model, self.optimizer)
@@ -123,10 +137,16 @@ class Trainer:
             clear_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not continuing:
-            record = {"config": self.config.to_dict(), "args": dataclasses.asdict(self.args),
-                      "data": self.corpus.source, "params": self.params, "torch": torch.__version__,
-                      "device": str(self.device), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      **self.rt.describe()}
+            record = {
+                "config": self.config.to_dict(),
+                "args": dataclasses.asdict(self.args),
+                "data": self.corpus.source,
+                "params": self.params,
+                "torch": torch.__version__,
+                "device": str(self.device),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                **self.rt.describe(),
+            }
             write_atomic(self.run_dir / "run.json", json.dumps(record, indent=2).encode())
 
     # ----------------------------------------------------------------------- the loop
@@ -135,28 +155,36 @@ class Trainer:
         """Train up to --steps (or --stop-at, or --time-limit), then draw the plots."""
         args, rt = self.args, self.rt
         # A resumed run drops the rows logged after its checkpoint (see MetricsLog).
-        self.log = (metrics.MetricsLog(self.run_dir / "metrics.jsonl", keep_until_step=self.step)
-                    if rt.is_main else None)
+        self.log = metrics.MetricsLog(self.run_dir / "metrics.jsonl", keep_until_step=self.step) if rt.is_main else None
         last = min(args.steps, args.stop_at or args.steps)
         self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
         self._t0, self._elapsed0 = time.perf_counter(), self.elapsed
         # Throughput rows exclude the time spent evaluating and saving (`_paused`).
         self._t_row, self._tokens_row, self._paused = self._clock(), self.tokens, 0.0
-        bar = tqdm(total=args.steps, initial=self.step, desc=self.config.name,
-                   disable=not (args.progress and rt.is_main), dynamic_ncols=True, unit="step")
+        bar = tqdm(
+            total=args.steps,
+            initial=self.step,
+            desc=self.config.name,
+            disable=not (args.progress and rt.is_main),
+            dynamic_ncols=True,
+            unit="step",
+        )
         try:
             if self.step == 0:
                 self._evaluate()
             while self.step < last:
                 out = self._train_step()
                 bar.update(1)
-                stop = self.step == last or (args.time_limit is not None
-                                             and rt.any(self._clock() - self._elapsed0 > args.time_limit))
+                stop = self.step == last or (
+                    args.time_limit is not None and rt.any(self._clock() - self._elapsed0 > args.time_limit)
+                )
                 if self.step % args.log_every == 0 or stop:
                     self._check_finite()
                     row = self._log_row(out)
-                    bar.set_postfix_str(f"loss {row['loss']:.3f}  {row['tokens_per_s']:,.0f} tok/s  drop "
-                                        f"{row['drop_rate']:.1%}  load max/mean {row['load_max_mean']:.2f}")
+                    bar.set_postfix_str(
+                        f"loss {row['loss']:.3f}  {row['tokens_per_s']:,.0f} tok/s  drop "
+                        f"{row['drop_rate']:.1%}  load max/mean {row['load_max_mean']:.2f}"
+                    )
                 t_pause = self._clock()
                 if self.step % args.eval_every == 0 or stop:
                     self._check_finite()
@@ -183,8 +211,11 @@ class Trainer:
         self.step += 1
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.args)
-        out = self.rt.reduce_step(train_step(self.model, self.forward, self.optimizer, self.sampler, self.args,
-                                             self.device, self.rt.clip_gradients))
+        out = self.rt.reduce_step(
+            train_step(
+                self.model, self.forward, self.optimizer, self.sampler, self.args, self.device, self.rt.clip_gradients
+            )
+        )
         self.tokens += self.tokens_per_step
         finite = torch.isfinite(out["loss"] + out["aux_loss"])
         self._bad_step = torch.where((self._bad_step < 0) & ~finite, self.step, self._bad_step)
@@ -194,19 +225,27 @@ class Trainer:
         bad = int(self._bad_step)  # host sync, on log / eval / save steps only
         if bad >= 0:
             kept = checkpoint.checkpoint_dirs(self.ckpt_root)
-            raise TrainingDiverged(f"loss became nan or inf at step {bad}; stopped. The last good checkpoint "
-                                   f"is {kept[-1] if kept else 'none (none was saved)'}")
+            raise TrainingDiverged(
+                f"loss became nan or inf at step {bad}; stopped. The last good checkpoint "
+                f"is {kept[-1] if kept else 'none (none was saved)'}"
+            )
 
     def _log_row(self, out: dict[str, Tensor]) -> dict[str, Any]:
         """The step's train row (metrics.py), written by rank 0; returns it."""
         layers = moe_stats(self.model)
         now = self._clock()
-        row = {"kind": "train", "step": self.step, "tokens": self.tokens, "elapsed_s": round(now, 3),
-               "lr": self.optimizer.param_groups[0]["lr"], **{k: float(v) for k, v in out.items()},
-               "tokens_per_s": (self.tokens - self._tokens_row) / max(now - self._t_row - self._paused, 1e-9),
-               "drop_rate": sum(r["drop_rate"] for r in layers) / len(layers) if layers else 0.0,
-               "load_max_mean": max((max(r["load"]) * len(r["load"]) for r in layers), default=1.0),
-               "layers": layers}
+        row = {
+            "kind": "train",
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed_s": round(now, 3),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **{k: float(v) for k, v in out.items()},
+            "tokens_per_s": (self.tokens - self._tokens_row) / max(now - self._t_row - self._paused, 1e-9),
+            "drop_rate": sum(r["drop_rate"] for r in layers) / len(layers) if layers else 0.0,
+            "load_max_mean": max((max(r["load"]) * len(r["load"]) for r in layers), default=1.0),
+            "layers": layers,
+        }
         if self.log:
             self.log.write(row)
         self._t_row, self._tokens_row, self._paused = now, self.tokens, 0.0
@@ -216,13 +255,25 @@ class Trainer:
         """Validation loss on the fixed set; an eval row."""
         val = self.rt.evaluate(self.forward, self.val_set, self.device)
         if self.log:
-            self.log.write({"kind": "eval", "step": self.step, "tokens": self.tokens,
-                            "elapsed_s": round(self._clock(), 3), "val_loss": val,
-                            "val_bpb": metrics.bits(val) if self.corpus.is_bytes else None})
+            self.log.write(
+                {
+                    "kind": "eval",
+                    "step": self.step,
+                    "tokens": self.tokens,
+                    "elapsed_s": round(self._clock(), 3),
+                    "val_loss": val,
+                    "val_bpb": metrics.bits(val) if self.corpus.is_bytes else None,
+                }
+            )
 
     def _save(self) -> None:
-        state = {"tokens": self.tokens, "elapsed_s": self._clock(), "data": self.sampler.state_dict(),
-                 "rng": rng_state(), "args": dataclasses.asdict(self.args)}
+        state = {
+            "tokens": self.tokens,
+            "elapsed_s": self._clock(),
+            "data": self.sampler.state_dict(),
+            "rng": rng_state(),
+            "args": dataclasses.asdict(self.args),
+        }
         self.rt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state, self.args.keep_last)
 
     # ----------------------------------------------------------------------- after the loop
@@ -235,13 +286,21 @@ class Trainer:
         speeds = sorted(r["tokens_per_s"] for r in train_rows)
         kept = checkpoint.checkpoint_dirs(self.ckpt_root)
         return {
-            "run_dir": str(self.run_dir), "step": self.step, "tokens": self.tokens, "params": self.params,
+            "run_dir": str(self.run_dir),
+            "step": self.step,
+            "tokens": self.tokens,
+            "params": self.params,
             "loss": train_rows[-1]["loss"] if train_rows else None,
-            "val_loss_start": first and first["val_loss"], "val_loss": final and final["val_loss"],
-            "val_bpb_start": first and first["val_bpb"], "val_bpb": final and final["val_bpb"],
-            "tokens_per_s": speeds[len(speeds) // 2] if speeds else None, "elapsed_s": self._clock(),
-            "drop_rate": train_rows[-1]["drop_rate"] if train_rows else None, "load": metrics.final_load(rows),
-            "checkpoint": str(kept[-1]) if kept else None, "metrics": str(self.run_dir / "metrics.jsonl"),
+            "val_loss_start": first and first["val_loss"],
+            "val_loss": final and final["val_loss"],
+            "val_bpb_start": first and first["val_bpb"],
+            "val_bpb": final and final["val_bpb"],
+            "tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
+            "elapsed_s": self._clock(),
+            "drop_rate": train_rows[-1]["drop_rate"] if train_rows else None,
+            "load": metrics.final_load(rows),
+            "checkpoint": str(kept[-1]) if kept else None,
+            "metrics": str(self.run_dir / "metrics.jsonl"),
             "plots": [str(p) for p in self.plots],
         }
 

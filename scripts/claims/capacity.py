@@ -59,25 +59,36 @@ def measure(setup: Setup) -> dict[str, Any]:
             logged = train_rows(rows)
             drops = [r["drop_rate"] for r in logged]
             entry["modes"][mode] = {
-                "drop_mean": float(np.mean(drops)), "drop_late": float(np.mean(late(drops))), "drop_max": max(drops),
+                "drop_mean": float(np.mean(drops)),
+                "drop_late": float(np.mean(late(drops))),
+                "drop_max": max(drops),
                 "load_max_mean": float(np.mean([r["load_max_mean"] for r in logged])),
                 "val_loss": summary["val_loss"],
-                "series": {"step": [r["step"] for r in logged], "drop_rate": drops}, "eval": eval_curve(rows),
+                "series": {"step": [r["step"] for r in logged], "drop_rate": drops},
+                "eval": eval_curve(rows),
             }
         settings[name] = entry
-    return {"config": base.to_dict(), "steps": steps, "num_experts": E, "top_k": K, "tokens_per_batch": T,
-            "settings": settings}
+    return {
+        "config": base.to_dict(),
+        "steps": steps,
+        "num_experts": E,
+        "top_k": K,
+        "tokens_per_batch": T,
+        "settings": settings,
+    }
 
 
 # --------------------------------------------------------------------------- verdict
 
 
-RULE = (f"**Rule.** Drop rate = share of the routed assignments dropped, mean over MoE layers, averaged over "
-        f"every logged step of the run. For each setting, static and dynamic capacity have the same slots. A "
-        f"setting **reproduces** the claim if static capacity drops at least {TARGET:.0%} and dynamic capacity "
-        f"less than {TARGET:.0%}; it is **not measurable** if static capacity already drops less than "
-        f"{TARGET:.0%} (nothing to cut); otherwise it does **not reproduce** it. The claim is reproduced if every "
-        f"measurable setting reproduces it, not measurable if no setting is measurable, not reproduced otherwise.")
+RULE = (
+    f"**Rule.** Drop rate = share of the routed assignments dropped, mean over MoE layers, averaged over "
+    f"every logged step of the run. For each setting, static and dynamic capacity have the same slots. A "
+    f"setting **reproduces** the claim if static capacity drops at least {TARGET:.0%} and dynamic capacity "
+    f"less than {TARGET:.0%}; it is **not measurable** if static capacity already drops less than "
+    f"{TARGET:.0%} (nothing to cut); otherwise it does **not reproduce** it. The claim is reproduced if every "
+    f"measurable setting reproduces it, not measurable if no setting is measurable, not reproduced otherwise."
+)
 
 
 def setting_verdict(entry: dict[str, Any]) -> str:
@@ -89,8 +100,11 @@ def setting_verdict(entry: dict[str, Any]) -> str:
 
 def verdict(numbers: dict[str, Any]) -> tuple[str, str]:
     per = {name: setting_verdict(entry) for name, entry in numbers["settings"].items()}
-    parts = [f"{e['label']}: static {e['modes']['static']['drop_mean']:.1%} -> dynamic "
-             f"{e['modes']['dynamic']['drop_mean']:.1%}" for e in numbers["settings"].values()]
+    parts = [
+        f"{e['label']}: static {e['modes']['static']['drop_mean']:.1%} -> dynamic "
+        f"{e['modes']['dynamic']['drop_mean']:.1%}"
+        for e in numbers["settings"].values()
+    ]
     why = "mean drop rate over training, " + "; ".join(parts)
     measurable = [v for v in per.values() if v != "not measurable at this scale"]
     if not measurable:
@@ -113,8 +127,13 @@ def plot(numbers: dict[str, Any], folder: Path) -> list[Path]:
     for ax, entry in zip(axes[0], settings.values()):
         for mode, style in zip(MODES, ("-", "--")):
             m = entry["modes"][mode]
-            ax.plot(m["series"]["step"], [100 * d for d in m["series"]["drop_rate"]], style, lw=1.5,
-                    label=f"{mode} (mean {m['drop_mean']:.1%}, val loss {m['val_loss']:.3f})")
+            ax.plot(
+                m["series"]["step"],
+                [100 * d for d in m["series"]["drop_rate"]],
+                style,
+                lw=1.5,
+                label=f"{mode} (mean {m['drop_mean']:.1%}, val loss {m['val_loss']:.3f})",
+            )
         ax.axhline(100 * TARGET, color="gray", ls=":", lw=1, label="seed's 2%")
         ax.set_title(f"{entry['label']}\n{entry['slots']} slots for {entry['assignments']} assignments", fontsize=10)
         ax.set_xlabel("training step")

@@ -18,9 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from moe import ModelConfig
+from moe.train import TrainArgs, run
 from moe.train.data import load_corpus
 from moe.train.metrics import read_rows
-from moe.train import TrainArgs, run
 
 REPO = Path(__file__).resolve().parents[2]
 VERDICTS = ("reproduced", "not reproduced", "not measurable at this scale")
@@ -56,7 +56,7 @@ def prepare_data(setup: Setup) -> dict[str, Any]:
     folder, so the many runs read one file instead of walking the standard library each time.
     Quick mode keeps its first 2 MB."""
     corpus = load_corpus(None)
-    tokens = corpus.tokens[: 2_000_000] if setup.quick else corpus.tokens
+    tokens = corpus.tokens[:2_000_000] if setup.quick else corpus.tokens
     path = setup.runs_dir / "corpus.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(tokens.tobytes())
@@ -67,10 +67,23 @@ def prepare_data(setup: Setup) -> dict[str, Any]:
 def train(setup: Setup, config: ModelConfig, folder: str, **overrides: Any) -> tuple[dict, list[dict]]:
     """Train `config` into runs_dir/folder; returns (summary of moe.train.run, metrics rows)."""
     steps = overrides.pop("steps")
-    args = dict(out=str(setup.runs_dir / folder), data=setup.data, steps=steps, batch_size=setup.batch_size,
-                seq_len=setup.seq_len, log_every=setup.scale(5, 1), eval_every=max(1, steps // 4),
-                eval_batches=setup.scale(8, 2), save_every=steps, keep_last=1, seed=0, device=setup.device,
-                overwrite=True, progress=False, plots=False)
+    args = dict(
+        out=str(setup.runs_dir / folder),
+        data=setup.data,
+        steps=steps,
+        batch_size=setup.batch_size,
+        seq_len=setup.seq_len,
+        log_every=setup.scale(5, 1),
+        eval_every=max(1, steps // 4),
+        eval_batches=setup.scale(8, 2),
+        save_every=steps,
+        keep_last=1,
+        seed=0,
+        device=setup.device,
+        overwrite=True,
+        progress=False,
+        plots=False,
+    )
     args.update(overrides)
     if setup.bar is not None:
         setup.bar.set_postfix_str(folder)
@@ -95,7 +108,7 @@ def eval_curve(rows: list[dict]) -> dict[str, list]:
 
 def late(rows: list[Any], share: float = 1 / 3) -> list[Any]:
     """The last `share` of a run's rows (at least one): "late in training"."""
-    return rows[-max(1, round(len(rows) * share)):]
+    return rows[-max(1, round(len(rows) * share)) :]
 
 
 # --------------------------------------------------------------------------- load statistics
@@ -104,8 +117,7 @@ def late(rows: list[Any], share: float = 1 / 3) -> list[Any]:
 def spread(p_E: np.ndarray) -> dict[str, float]:
     """max/mean, min/mean and coefficient of variation of one load vector (1, 1, 0 = balanced)."""
     mean = p_E.mean()
-    return {"max_mean": float(p_E.max() / mean), "min_mean": float(p_E.min() / mean),
-            "cv": float(p_E.std() / mean)}
+    return {"max_mean": float(p_E.max() / mean), "min_mean": float(p_E.min() / mean), "cv": float(p_E.std() / mean)}
 
 
 def layer_loads(row: dict) -> dict[int, np.ndarray]:
@@ -134,4 +146,3 @@ def rounded(obj: Any, digits: int = 6) -> Any:
     if isinstance(obj, (list, tuple)):
         return [rounded(v, digits) for v in obj]
     return obj
-

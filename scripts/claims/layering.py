@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 
 from moe import ModelConfig, load_config
-from moe.perf.timing import synchronize
-from moe.train.data import BatchSampler, TokenView, load_corpus, split_ranges
-from moe.perf.flops import count
-from moe.model import layer_plan
 from moe.device import pick_device
+from moe.model import layer_plan
+from moe.perf.flops import count
+from moe.perf.timing import synchronize
 from moe.train.args import TrainArgs
+from moe.train.data import BatchSampler, TokenView, load_corpus, split_ranges
 from moe.train.step import build_model, build_optimizer, train_step
 
 from .common import REPO, Setup, eval_curve, quantiles, replace_moe, train
@@ -61,16 +61,19 @@ def base_config(setup: Setup) -> ModelConfig:
     bias, dropless) at 12 layers, so that 2-4-2-4 is one whole period of the seed's pattern."""
     tiny = load_config(REPO / "configs" / "tiny.yaml")
     hidden = setup.scale(64, 32)
-    config = dataclasses.replace(tiny, name="claims-layering", hidden_size=hidden, num_layers=12, num_heads=4,
-                                 num_kv_heads=2, first_k_dense=0)
+    config = dataclasses.replace(
+        tiny, name="claims-layering", hidden_size=hidden, num_layers=12, num_heads=4, num_kv_heads=2, first_k_dense=0
+    )
     config = replace_moe(config, config.name, expert_ffn_size=hidden)
     return dataclasses.replace(config, intermediate_size=matched_dense_ffn(config))
 
 
 def plan_configs(setup: Setup) -> dict[str, ModelConfig]:
     base = base_config(setup)
-    return {name: dataclasses.replace(base, name=f"claims-layering-{name}", **fields)
-            for name, (_, fields, _) in PLANS.items()}
+    return {
+        name: dataclasses.replace(base, name=f"claims-layering-{name}", **fields)
+        for name, (_, fields, _) in PLANS.items()
+    }
 
 
 def measure(setup: Setup) -> dict[str, Any]:
@@ -80,24 +83,49 @@ def measure(setup: Setup) -> dict[str, Any]:
     for name, config in configs.items():
         counts = count(config, setup.seq_len)
         plan = layer_plan(config)
-        plans[name] = {"label": PLANS[name][0], "layers": "".join("M" if m else "D" for m in plan),
-                       "params_total": counts.params_total, "params_active": counts.params_active,
-                       "train_flops_per_token": counts.train_flops_per_token, "runs": []}
+        plans[name] = {
+            "label": PLANS[name][0],
+            "layers": "".join("M" if m else "D" for m in plan),
+            "params_total": counts.params_total,
+            "params_active": counts.params_active,
+            "train_flops_per_token": counts.train_flops_per_token,
+            "runs": [],
+        }
     timing = time_plans(setup, configs, rounds=setup.scale(8, 2), steps_per_sample=setup.scale(3, 1))
     for name, samples in timing.items():
         plans[name]["tokens_per_s"] = samples
     for seed in range(setup.scale(setup.seeds, 1)):
         for name in TRAINED:
-            summary, rows = train(setup, configs[name], f"layering/{name}-seed{seed}", steps=steps, seed=seed,
-                                  log_every=setup.scale(10, 1))
-            plans[name]["runs"].append({"seed": seed, "val_loss": summary["val_loss"],
-                                        "train_tokens_per_s": summary["tokens_per_s"], "eval": eval_curve(rows)})
+            summary, rows = train(
+                setup,
+                configs[name],
+                f"layering/{name}-seed{seed}",
+                steps=steps,
+                seed=seed,
+                log_every=setup.scale(10, 1),
+            )
+            plans[name]["runs"].append(
+                {
+                    "seed": seed,
+                    "val_loss": summary["val_loss"],
+                    "train_tokens_per_s": summary["tokens_per_s"],
+                    "eval": eval_curve(rows),
+                }
+            )
     actives = [p["params_active"] for p in plans.values()]
-    return {"config": configs["all-moe"].to_dict(), "steps": steps, "dense_ffn": configs["all-moe"].intermediate_size,
-            "active_spread": (max(actives) - min(actives)) / min(actives),
-            "timing": {"rounds": setup.scale(8, 2), "steps_per_sample": setup.scale(3, 1),
-                       "tokens_per_step": setup.batch_size * setup.seq_len},
-            "plans": plans, "comparisons": {name: compare(plans, name) for name in PLANS if name != "all-moe"}}
+    return {
+        "config": configs["all-moe"].to_dict(),
+        "steps": steps,
+        "dense_ffn": configs["all-moe"].intermediate_size,
+        "active_spread": (max(actives) - min(actives)) / min(actives),
+        "timing": {
+            "rounds": setup.scale(8, 2),
+            "steps_per_sample": setup.scale(3, 1),
+            "tokens_per_step": setup.batch_size * setup.seq_len,
+        },
+        "plans": plans,
+        "comparisons": {name: compare(plans, name) for name in PLANS if name != "all-moe"},
+    }
 
 
 def time_plans(setup: Setup, configs: dict[str, ModelConfig], rounds: int, steps_per_sample: int) -> dict[str, list]:
@@ -114,7 +142,7 @@ def time_plans(setup: Setup, configs: dict[str, ModelConfig], rounds: int, steps
     samples: dict[str, list] = {name: [] for name in configs}
     names = list(configs)
     for r in range(rounds + 1):  # round 0 warms up (first calls build kernels and allocate) and is dropped
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             model, optimizer, sampler = state[name]
             synchronize(device)
             start = time.perf_counter()
@@ -132,20 +160,26 @@ def compare(plans: dict[str, Any], name: str) -> dict[str, Any]:
     speedups = [a / b - 1 for a, b in zip(plans[name]["tokens_per_s"], plans["all-moe"]["tokens_per_s"])]
     losses = [a["val_loss"] / b["val_loss"] - 1 for a, b in zip(plans[name]["runs"], plans["all-moe"]["runs"])]
     change = {"mean": float(np.mean(losses)), "min": min(losses), "max": max(losses)} if losses else None
-    return {"speedup": quantiles(speedups), "speedup_samples": speedups, "loss_change": change,
-            "loss_change_samples": losses}
+    return {
+        "speedup": quantiles(speedups),
+        "speedup_samples": speedups,
+        "loss_change": change,
+        "loss_change_samples": losses,
+    }
 
 
 # --------------------------------------------------------------------------- verdict
 
 
-RULE = (f"**Rule.** Speedup = tokens/s of 2-4-2-4 over all-MoE, paired within each interleaved timing round; "
-        f"quality change = relative change of the final validation loss, paired by seed. The speed part holds "
-        f"if the 20th percentile of the speedups is at least {SPEEDUP_MIN:.0%} (half the claimed "
-        f"{CLAIMED_SPEEDUP:.0%}) and fails if the 80th percentile is below it; the quality part holds if the "
-        f"mean loss increase is at most {LOSS_MAX:.1%} (twice the claimed {CLAIMED_LOSS:.1%}) and fails if "
-        f"every seed's increase is above it. **Reproduced** if both hold, **not reproduced** if either fails, "
-        f"**not measurable at this scale** otherwise (the noise spans the threshold).")
+RULE = (
+    f"**Rule.** Speedup = tokens/s of 2-4-2-4 over all-MoE, paired within each interleaved timing round; "
+    f"quality change = relative change of the final validation loss, paired by seed. The speed part holds "
+    f"if the 20th percentile of the speedups is at least {SPEEDUP_MIN:.0%} (half the claimed "
+    f"{CLAIMED_SPEEDUP:.0%}) and fails if the 80th percentile is below it; the quality part holds if the "
+    f"mean loss increase is at most {LOSS_MAX:.1%} (twice the claimed {CLAIMED_LOSS:.1%}) and fails if "
+    f"every seed's increase is above it. **Reproduced** if both hold, **not reproduced** if either fails, "
+    f"**not measurable at this scale** otherwise (the noise spans the threshold)."
+)
 
 
 def verdict(numbers: dict[str, Any]) -> tuple[str, str]:
@@ -154,9 +188,11 @@ def verdict(numbers: dict[str, Any]) -> tuple[str, str]:
     speed = "holds" if s["p20"] >= SPEEDUP_MIN else "fails" if s["p80"] < SPEEDUP_MIN else "unresolved"
     quality = "holds" if q["mean"] <= LOSS_MAX else "fails" if q["min"] > LOSS_MAX else "unresolved"
     seeds = len(c["loss_change_samples"])
-    why = (f"2-4-2-4 ran {s['median']:+.1%} faster than all-MoE (p20 {s['p20']:+.1%}, p80 {s['p80']:+.1%}; "
-           f"speed part {speed}) with a validation loss change of {q['mean']:+.2%} (over {seeds} seed"
-           f"{'s' if seeds > 1 else ''}: {q['min']:+.2%} to {q['max']:+.2%}; quality part {quality})")
+    why = (
+        f"2-4-2-4 ran {s['median']:+.1%} faster than all-MoE (p20 {s['p20']:+.1%}, p80 {s['p80']:+.1%}; "
+        f"speed part {speed}) with a validation loss change of {q['mean']:+.2%} (over {seeds} seed"
+        f"{'s' if seeds > 1 else ''}: {q['min']:+.2%} to {q['max']:+.2%}; quality part {quality})"
+    )
     if speed == "holds" and quality == "holds":
         return "reproduced", why
     if "fails" in (speed, quality):
@@ -186,8 +222,16 @@ def plot(numbers: dict[str, Any], folder: Path) -> list[Path]:
     ax_t.grid(alpha=0.3, axis="y")
     for i, name in enumerate(names):
         for j, run in enumerate(plans[name]["runs"]):
-            ax_l.plot(run["eval"]["step"][1:], run["eval"]["val_loss"][1:], color=f"C{i}", marker="o", ms=3, lw=1.2,
-                      label=plans[name]["label"] if j == 0 else None, alpha=0.8)
+            ax_l.plot(
+                run["eval"]["step"][1:],
+                run["eval"]["val_loss"][1:],
+                color=f"C{i}",
+                marker="o",
+                ms=3,
+                lw=1.2,
+                label=plans[name]["label"] if j == 0 else None,
+                alpha=0.8,
+            )
     ax_l.set_xlabel("training step")
     ax_l.set_ylabel("validation loss (nats per byte)")
     ax_l.set_title("validation loss at equal steps (one line per seed)")

@@ -14,31 +14,44 @@ from .common import quantiles
 
 SEED = "/work/shared/seeds/002_c8b6793ffb146462.txt"
 CLAIMS = {  # key -> (title, module, the seed's words, translation)
-    "balance": ("Load balancing", balance,
-                "专家均衡负载（Load Balancing）：问题：部分专家被过度使用（负载>50%），部分专家闲置（<5%）；"
-                "解决：引入辅助损失函数，惩罚负载不均；效果：专家利用率从30-70%不均 → 稳定在12-15%",
-                "Problem: some experts are overused (load > 50%), others idle (< 5%). Fix: an auxiliary loss "
-                "that penalises uneven load. Effect: expert utilisation goes from 30-70% uneven to a steady "
-                "12-15%. (The seed's example model routes 16 of 128 experts: k/E = 12.5%.)"),
-    "layering": ("Hierarchical layering", layering,
-                 "层次化MoE（Hierarchical MoE）：创新：不是每层都用MoE，而是按2-4-2-4模式（密集层-MoE层交替）；"
-                 "优势：平衡表达能力和计算效率；结果：相比全MoE，训练速度快30%，性能仅降1.2%",
-                 "Not every layer is MoE but a 2-4-2-4 pattern (dense and MoE layers alternating), balancing "
-                 "expressiveness and compute. Result: compared with all-MoE, training is 30% faster and "
-                 "quality only 1.2% lower."),
-    "capacity": ("Dynamic expert capacity", capacity,
-                 "动态专家容量（Dynamic Expert Capacity）：问题：固定容量导致某些时刻专家过载（token被丢弃）；"
-                 "解决：根据输入复杂度动态调整专家容量；效果：token丢弃率从8% → <2%",
-                 "Problem: a fixed capacity overloads experts at times (tokens are dropped). Fix: adjust expert "
-                 "capacity dynamically to the input's complexity. Effect: token drop rate from 8% to under 2%."),
+    "balance": (
+        "Load balancing",
+        balance,
+        "专家均衡负载（Load Balancing）：问题：部分专家被过度使用（负载>50%），部分专家闲置（<5%）；"
+        "解决：引入辅助损失函数，惩罚负载不均；效果：专家利用率从30-70%不均 → 稳定在12-15%",
+        "Problem: some experts are overused (load > 50%), others idle (< 5%). Fix: an auxiliary loss "
+        "that penalises uneven load. Effect: expert utilisation goes from 30-70% uneven to a steady "
+        "12-15%. (The seed's example model routes 16 of 128 experts: k/E = 12.5%.)",
+    ),
+    "layering": (
+        "Hierarchical layering",
+        layering,
+        "层次化MoE（Hierarchical MoE）：创新：不是每层都用MoE，而是按2-4-2-4模式（密集层-MoE层交替）；"
+        "优势：平衡表达能力和计算效率；结果：相比全MoE，训练速度快30%，性能仅降1.2%",
+        "Not every layer is MoE but a 2-4-2-4 pattern (dense and MoE layers alternating), balancing "
+        "expressiveness and compute. Result: compared with all-MoE, training is 30% faster and "
+        "quality only 1.2% lower.",
+    ),
+    "capacity": (
+        "Dynamic expert capacity",
+        capacity,
+        "动态专家容量（Dynamic Expert Capacity）：问题：固定容量导致某些时刻专家过载（token被丢弃）；"
+        "解决：根据输入复杂度动态调整专家容量；效果：token丢弃率从8% → <2%",
+        "Problem: a fixed capacity overloads experts at times (tokens are dropped). Fix: adjust expert "
+        "capacity dynamically to the input's complexity. Effect: token drop rate from 8% to under 2%.",
+    ),
 }
 
 
 def write(result: dict[str, Any], docs_dir: Path) -> Path:
     """Write <docs_dir>/claims.md from `result` (the contents of claims.json)."""
     lines = header(result)
-    lines += ["## Summary", "", "| # | claim (seed 002, section 1.1) | verdict | what was measured |",
-              "|---|---|---|---|"]
+    lines += [
+        "## Summary",
+        "",
+        "| # | claim (seed 002, section 1.1) | verdict | what was measured |",
+        "|---|---|---|---|",
+    ]
     for i, (key, (title, _, _, _)) in enumerate(CLAIMS.items(), 1):
         v = result["claims"][key]["verdict"]
         lines.append(f"| {i} | {title} | **{v['label']}** | {v['why']} |")
@@ -59,8 +72,11 @@ def header(result: dict[str, Any]) -> list[str]:
     commit = (env["commit"] or "unknown")[:12] + (" (with uncommitted changes)" if env["dirty"] else "")
     lines = ["# The seed article's MoE claims, measured on our runs", ""]
     if result["quick"]:
-        lines += ["> **QUICK MODE.** A few steps per run on tiny models: this page checks the machinery "
-                  "end to end; its numbers and verdicts mean nothing.", ""]
+        lines += [
+            "> **QUICK MODE.** A few steps per run on tiny models: this page checks the machinery "
+            "end to end; its numbers and verdicts mean nothing.",
+            "",
+        ]
     lines += [
         f"Seed article 002 (`{SEED}`), section 1.1, makes three claims about Ling-1T's training. This page "
         f"reruns each on our own small models and applies a stated rule to the measured numbers.",
@@ -94,10 +110,12 @@ def scope(result: dict[str, Any]) -> list[str]:
 
 def _config_line(config: dict[str, Any]) -> str:
     moe = config["moe"]
-    return (f"hidden {config['hidden_size']}, {config['num_layers']} layers, {config['num_heads']} heads "
-            f"({config['num_kv_heads']} KV), {moe['num_experts']} experts top-{moe['top_k']}"
-            f"{' + ' + str(moe['num_shared_experts']) + ' shared' if moe['num_shared_experts'] else ''}, "
-            f"expert FFN {moe['expert_ffn_size']}, {moe['score_func']} scores")
+    return (
+        f"hidden {config['hidden_size']}, {config['num_layers']} layers, {config['num_heads']} heads "
+        f"({config['num_kv_heads']} KV), {moe['num_experts']} experts top-{moe['top_k']}"
+        f"{' + ' + str(moe['num_shared_experts']) + ' shared' if moe['num_shared_experts'] else ''}, "
+        f"expert FFN {moe['expert_ffn_size']}, {moe['score_func']} scores"
+    )
 
 
 def balance_section(n: dict[str, Any]) -> list[str]:
@@ -111,7 +129,7 @@ def balance_section(n: dict[str, Any]) -> list[str]:
         f"example's 16/128.",
         "",
         f"**Units.** Our logs record each expert's share p of the T x k routed assignments (balanced: "
-        f"1/E = {1 / n['num_experts']:.2%}). The seed's \"utilisation\" is the share of tokens an expert sees, "
+        f'1/E = {1 / n["num_experts"]:.2%}). The seed\'s "utilisation" is the share of tokens an expert sees, '
         f"u = k x p (balanced: k/E = {fair:.1%}); the seed's 12-15% band is [{lo:.1%}, {hi:.1%}] here. Ratios "
         f"such as max/mean are the same in both units. *Per batch*: the load of one logged batch. *Window*: the "
         f"load averaged over the last third of the run ({n['window_rows']} logged batches, "
@@ -124,11 +142,13 @@ def balance_section(n: dict[str, Any]) -> list[str]:
     ]
     for m in n["methods"].values():
         w, r, f = m["window"], m["per_row_late"], m["per_row_first"]
-        lines.append(f"| {m['label']} | {m['val_loss']:.3f} | {f['max_mean']:.2f} (step {f['step']}) | "
-                     f"{r['max_mean']:.2f} ± {r['max_mean_std']:.2f} | "
-                     f"{w['max_mean']:.2f} / {w['max_mean_worst']:.2f} | "
-                     f"{w['min_mean_worst']:.2f} | {w['cv']:.2f} | {w['util_min']:.1%} - {w['util_max']:.1%} | "
-                     f"{w['in_band_share']:.0%} |")
+        lines.append(
+            f"| {m['label']} | {m['val_loss']:.3f} | {f['max_mean']:.2f} (step {f['step']}) | "
+            f"{r['max_mean']:.2f} ± {r['max_mean_std']:.2f} | "
+            f"{w['max_mean']:.2f} / {w['max_mean_worst']:.2f} | "
+            f"{w['min_mean_worst']:.2f} | {w['cv']:.2f} | {w['util_min']:.1%} - {w['util_max']:.1%} | "
+            f"{w['in_band_share']:.0%} |"
+        )
     lines += [
         f"| *uniform random routing (noise floor)* | | {u['row_max_mean']:.2f} | {u['row_max_mean']:.2f} | "
         f"{u['window_max_mean']:.2f} | | | | in band {u['p_band']:.0%} of the time |",
@@ -150,11 +170,16 @@ def bias_twins(methods: dict[str, Any]) -> str:
     """The sign and zero-mean bias updates route alike; say whether the two runs did."""
     a, b = methods["bias_sign"]["series"], methods["bias_zero_mean"]["series"]
     differ = [step for step, x, y in zip(a["step"], a["max_mean"], b["max_mean"]) if x != y]
-    seen = ("the two runs logged identical load statistics at every step" if not differ else
-            f"the two runs' logged loads first differ at step {differ[0]} (float rounding near tied choices)")
-    return ("The zero-mean update subtracts the step's mean from every expert's bias: a shift common to all "
-            "experts, which changes no top-k choice (the bias only selects; the weights come from the unbiased "
-            f"scores). The two bias methods therefore route alike up to float rounding: {seen}.")
+    seen = (
+        "the two runs logged identical load statistics at every step"
+        if not differ
+        else f"the two runs' logged loads first differ at step {differ[0]} (float rounding near tied choices)"
+    )
+    return (
+        "The zero-mean update subtracts the step's mean from every expert's bias: a shift common to all "
+        "experts, which changes no top-k choice (the bias only selects; the weights come from the unbiased "
+        f"scores). The two bias methods therefore route alike up to float rounding: {seen}."
+    )
 
 
 def layering_section(n: dict[str, Any]) -> list[str]:
@@ -181,21 +206,31 @@ def layering_section(n: dict[str, Any]) -> list[str]:
     for name, p in n["plans"].items():
         q = quantiles(p["tokens_per_s"])
         c = n["comparisons"].get(name)
-        speed = ("baseline" if c is None else
-                 f"{c['speedup']['median']:+.1%} ({c['speedup']['p20']:+.1%} to {c['speedup']['p80']:+.1%})")
+        speed = (
+            "baseline"
+            if c is None
+            else f"{c['speedup']['median']:+.1%} ({c['speedup']['p20']:+.1%} to {c['speedup']['p80']:+.1%})"
+        )
         losses = [r["val_loss"] for r in p["runs"]]
-        loss = (f"{sum(losses) / len(losses):.4f} ({', '.join(f'{v:.4f}' for v in losses)})" if losses
-                else "not trained")
-        change = ("baseline" if name == "all-moe" else "-" if c["loss_change"] is None else
-                  f"{c['loss_change']['mean']:+.2%} ({c['loss_change']['min']:+.2%} to {c['loss_change']['max']:+.2%})")
-        lines.append(f"| {p['label']} | `{p['layers']}` | {p['params_total']:,} | {p['params_active']:,} | "
-                     f"{p['train_flops_per_token'] / 1e6:.2f} | {q['median']:,.0f} ({q['p20']:,.0f}-{q['p80']:,.0f}) | "
-                     f"{speed} | {loss} | {change} |")
+        loss = f"{sum(losses) / len(losses):.4f} ({', '.join(f'{v:.4f}' for v in losses)})" if losses else "not trained"
+        change = (
+            "baseline"
+            if name == "all-moe"
+            else "-"
+            if c["loss_change"] is None
+            else f"{c['loss_change']['mean']:+.2%} ({c['loss_change']['min']:+.2%} to {c['loss_change']['max']:+.2%})"
+        )
+        lines.append(
+            f"| {p['label']} | `{p['layers']}` | {p['params_total']:,} | {p['params_active']:,} | "
+            f"{p['train_flops_per_token'] / 1e6:.2f} | {q['median']:,.0f} ({q['p20']:,.0f}-{q['p80']:,.0f}) | "
+            f"{speed} | {loss} | {change} |"
+        )
     seq = {name: [r["train_tokens_per_s"] for r in p["runs"]] for name, p in n["plans"].items() if p["runs"]}
     lines += [
         "",
         "For comparison, the training runs themselves (one after another, not interleaved) logged median "
-        "tokens/s of " + "; ".join(f"{name} {', '.join(f'{v:,.0f}' for v in vals)}" for name, vals in seq.items())
+        "tokens/s of "
+        + "; ".join(f"{name} {', '.join(f'{v:,.0f}' for v in vals)}" for name, vals in seq.items())
         + ".",
         "",
         "![throughput per plan and validation loss over training](claims/layering.png)",
@@ -218,7 +253,7 @@ def capacity_section(n: dict[str, Any]) -> list[str]:
         f"Dynamic (`moe/capacity.py`): the same E x C slots water-filled over each batch's observed load, so "
         f"only the peaks are cut; at factor >= 1 the slots cover every assignment and it drops nothing by "
         f"construction (`tests/test_capacity.py`). The seed's own mechanism (\"adjusted to the input's "
-        f"complexity\") is not specified; this is one concrete reading of it.",
+        f'complexity") is not specified; this is one concrete reading of it.',
         "",
         "| setting | slots / assignments per batch | mode | drop rate, mean over training | late third | "
         "worst logged batch | max/mean load (mean) | val loss |",
@@ -226,9 +261,11 @@ def capacity_section(n: dict[str, Any]) -> list[str]:
     ]
     for entry in n["settings"].values():
         for mode, m in entry["modes"].items():
-            lines.append(f"| {entry['label']} | {entry['slots']:,} / {entry['assignments']:,} | {mode} | "
-                         f"{m['drop_mean']:.2%} | {m['drop_late']:.2%} | {m['drop_max']:.2%} | "
-                         f"{m['load_max_mean']:.2f} | {m['val_loss']:.4f} |")
+            lines.append(
+                f"| {entry['label']} | {entry['slots']:,} / {entry['assignments']:,} | {mode} | "
+                f"{m['drop_mean']:.2%} | {m['drop_late']:.2%} | {m['drop_max']:.2%} | "
+                f"{m['load_max_mean']:.2f} | {m['val_loss']:.4f} |"
+            )
     lines += ["", *dropless_twins(n["settings"])]
     lines += [
         "![drop rate over training, static against dynamic capacity](claims/capacity.png)",
@@ -253,6 +290,11 @@ def dropless_twins(settings: dict[str, Any]) -> list[str]:
     twins = [names for names in groups.values() if len(names) > 1]
     if not twins:
         return []
-    return [("A run that drops nothing computes what a dropless model computes, whatever its slots: "
-             + "; ".join(" and ".join(names) for names in twins)
-             + " logged identical validation losses at every evaluation."), ""]
+    return [
+        (
+            "A run that drops nothing computes what a dropless model computes, whatever its slots: "
+            + "; ".join(" and ".join(names) for names in twins)
+            + " logged identical validation losses at every evaluation."
+        ),
+        "",
+    ]

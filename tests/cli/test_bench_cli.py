@@ -13,8 +13,24 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY = str(CONFIGS / "tiny.yaml")
 DSV3 = str(CONFIGS / "full" / "deepseek-v3.yaml")
 FAST = ["--warmup", "0", "--repeats", "2"]
-ENV_KEYS = {"label", "device", "device_type", "device_slug", "datasheet", "threads", "load_average_1m", "torch",
-            "cuda", "triton", "transformers", "python", "platform", "commit", "dirty", "timestamp"}
+ENV_KEYS = {
+    "label",
+    "device",
+    "device_type",
+    "device_slug",
+    "datasheet",
+    "threads",
+    "load_average_1m",
+    "torch",
+    "cuda",
+    "triton",
+    "transformers",
+    "python",
+    "platform",
+    "commit",
+    "dirty",
+    "timestamp",
+}
 
 
 def run_json(capsys, argv):
@@ -32,8 +48,20 @@ def check_record(result, bench):
 
 
 def test_bench_train_json_and_saved_file(capsys, tmp_path):
-    argv = ["bench", "train", "--config", TINY, "--batch-size", "2", "--seq-len", "16", *FAST,
-            "--save", "--results-dir", str(tmp_path)]
+    argv = [
+        "bench",
+        "train",
+        "--config",
+        TINY,
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        *FAST,
+        "--save",
+        "--results-dir",
+        str(tmp_path),
+    ]
     result = run_json(capsys, argv)
     check_record(result, "train")
     res = result["results"]
@@ -48,8 +76,10 @@ def test_bench_train_json_and_saved_file(capsys, tmp_path):
 
 
 def test_bench_infer_prefill_and_decode(capsys):
-    result = run_json(capsys, ["bench", "infer", "--config", TINY, "--batch-size", "2", "--prompt-len", "8",
-                               "--new-tokens", "3", *FAST])
+    result = run_json(
+        capsys,
+        ["bench", "infer", "--config", TINY, "--batch-size", "2", "--prompt-len", "8", "--new-tokens", "3", *FAST],
+    )
     check_record(result, "infer")
     res = result["results"]
     assert res["prefill_tokens_per_s"] == pytest.approx(16 / res["prefill"]["median_s"])
@@ -58,8 +88,22 @@ def test_bench_infer_prefill_and_decode(capsys):
 
 
 def test_bench_layers_times_each_layer_and_backend(capsys):
-    result = run_json(capsys, ["bench", "layers", "--config", TINY, "--batch-size", "1", "--seq-len", "16",
-                               "--backends", "eager,torch", *FAST])
+    result = run_json(
+        capsys,
+        [
+            "bench",
+            "layers",
+            "--config",
+            TINY,
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "16",
+            "--backends",
+            "eager,torch",
+            *FAST,
+        ],
+    )
     check_record(result, "layers")
     rows = [(r["layer"], r["backend"]) for r in result["results"]["layers"]]
     assert rows == [("attention", None), ("dense", None), ("head", None), ("moe", "eager"), ("moe", "torch")]
@@ -69,15 +113,29 @@ def test_bench_layers_times_each_layer_and_backend(capsys):
 
 
 def test_bench_prints_a_labelled_table(capsys):
-    assert main(["bench", "infer", "--config", TINY, "--batch-size", "1", "--prompt-len", "4", "--new-tokens", "2",
-                 *FAST]) == 0
+    assert (
+        main(["bench", "infer", "--config", TINY, "--batch-size", "1", "--prompt-len", "4", "--new-tokens", "2", *FAST])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "[CPU: not representative of a GPU]" in out and "decode" in out and "prefill" in out
 
 
 def test_calibrate_projects_deepseek_v3_on_cpu(capsys, tmp_path):
-    argv = ["calibrate", DSV3, "--scale", "64", "--timed-seq-len", "16", "--ep", "64", *FAST,
-            "--save", "--results-dir", str(tmp_path)]
+    argv = [
+        "calibrate",
+        DSV3,
+        "--scale",
+        "64",
+        "--timed-seq-len",
+        "16",
+        "--ep",
+        "64",
+        *FAST,
+        "--save",
+        "--results-dir",
+        str(tmp_path),
+    ]
     result = run_json(capsys, argv)
     check_record(result, "calibrate")
     res = result["results"]
@@ -86,8 +144,9 @@ def test_calibrate_projects_deepseek_v3_on_cpu(capsys, tmp_path):
     assert [c["kind"] for c in res["components"]] == ["attention", "moe", "dense", "head"]
     assert [c["count"] for c in res["components"]] == [61, 58, 3, 1]
     # The components are the whole model: their FLOPs add up to moe.flops' count.
-    assert sum(c["count"] * c["full_flops_per_token"] for c in res["components"]) == \
-        pytest.approx(res["model_flops_per_token"])
+    assert sum(c["count"] * c["full_flops_per_token"] for c in res["components"]) == pytest.approx(
+        res["model_flops_per_token"]
+    )
     p = res["projection"]
     assert p["tokens_per_s_per_gpu"] == pytest.approx(1 / p["seconds_per_token"])
     assert p["seconds_per_token"] == pytest.approx(p["compute_s"] + p["exposed_comm_s"])
@@ -104,11 +163,36 @@ def test_calibrate_projects_deepseek_v3_on_cpu(capsys, tmp_path):
 
 
 def test_calibrate_table_names_its_assumptions_and_flags(capsys):
-    assert main(["calibrate", DSV3, "--scale", "64", "--timed-seq-len", "16", "--ep", "64", "--overlap", "0.5",
-                 "--tokens", "14.8e12", *FAST]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                DSV3,
+                "--scale",
+                "64",
+                "--timed-seq-len",
+                "16",
+                "--ep",
+                "64",
+                "--overlap",
+                "0.5",
+                "--tokens",
+                "14.8e12",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    for text in ("[CPU]", "CPU RUN", "not a measurement", "overlap of communication with compute: 50%",
-                 "1.48e+13 tokens on 2048 GPUs", "OFF BY MORE THAN 2x", "Megatron-Core DeepSeek-V3"):
+    for text in (
+        "[CPU]",
+        "CPU RUN",
+        "not a measurement",
+        "overlap of communication with compute: 50%",
+        "1.48e+13 tokens on 2048 GPUs",
+        "OFF BY MORE THAN 2x",
+        "Megatron-Core DeepSeek-V3",
+    ):
         assert text in out, text
     assert re.search(r"MFU vs datasheet peak +n/a", out)
 
@@ -122,15 +206,18 @@ def test_calibrate_refuses_a_layer_timed_faster_than_the_matmul_peak():
     check_plausible(measured[:1], 789.0, "NVIDIA H100")  # slower than the peak: accepted
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["bench", "train", "--config", "nope.yaml"], "not found"),
-    (["bench", "train", "--config", TINY, "--batch-size", "0"], "--batch-size must be positive"),
-    (["bench", "train", "--config", DSV3], "GiB"),  # refuses before allocating 671B weights
-    (["bench", "layers", "--config", TINY, "--backends", "cuda"], "unknown expert backend"),
-    (["calibrate", DSV3, "--ep", "3"], "must divide"),
-    (["calibrate", DSV3, "--overlap", "2"], "overlap"),
-    (["calibrate", TINY, "--tokens", "0"], "--tokens must be positive"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "train", "--config", "nope.yaml"], "not found"),
+        (["bench", "train", "--config", TINY, "--batch-size", "0"], "--batch-size must be positive"),
+        (["bench", "train", "--config", DSV3], "GiB"),  # refuses before allocating 671B weights
+        (["bench", "layers", "--config", TINY, "--backends", "cuda"], "unknown expert backend"),
+        (["calibrate", DSV3, "--ep", "3"], "must divide"),
+        (["calibrate", DSV3, "--overlap", "2"], "overlap"),
+        (["calibrate", TINY, "--tokens", "0"], "--tokens must be positive"),
+    ],
+)
 def test_bad_input_is_one_line(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -42,12 +42,15 @@ def test_train_then_generate(setup, capsys):
     assert text.startswith("def ") and len(text.encode()) >= 5
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "config file not found"),
-    ("hidden_size: [1, 2\n", "malformed config"),
-    ("hidden_sise: 64\n", "unknown config key 'hidden_sise'"),
-    ("moe:\n  top_k: 99\n", "config key 'moe.top_k' = 99"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "config file not found"),
+        ("hidden_size: [1, 2\n", "malformed config"),
+        ("hidden_sise: 64\n", "unknown config key 'hidden_sise'"),
+        ("moe:\n  top_k: 99\n", "config key 'moe.top_k' = 99"),
+    ],
+)
 def test_bad_configs(tmp_path, capsys, content, message):
     config = tmp_path / "bad.yaml"
     if content is not None:
@@ -60,7 +63,9 @@ def test_bad_configs(tmp_path, capsys, content, message):
 def test_bad_data(setup, capsys, tmp_path):
     config, corpus, run_dir = setup
     (tmp_path / "empty").mkdir()
-    err = error_of(capsys, ["train", "--config", str(config), "--data", str(tmp_path / "empty"), "--out", str(run_dir), *FAST])
+    err = error_of(
+        capsys, ["train", "--config", str(config), "--data", str(tmp_path / "empty"), "--out", str(run_dir), *FAST]
+    )
     assert "holds no non-empty files" in err
     small_vocab = tmp_path / "v64.yaml"
     small_vocab.write_text(yaml.safe_dump(micro_config(vocab_size=64).to_dict()))
@@ -102,7 +107,12 @@ def test_generate_bad_inputs(setup, capsys, tmp_path):
 
 @pytest.mark.slow
 def test_the_console_entry_point_prints_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "moe", "train", "--config", str(tmp_path / "missing.yaml")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe", "train", "--config", str(tmp_path / "missing.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"moe train: error: config file not found: {tmp_path / 'missing.yaml'}"]

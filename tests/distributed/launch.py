@@ -15,8 +15,8 @@ from __future__ import annotations
 import tempfile
 import time
 import traceback
-from pathlib import Path
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,8 +30,13 @@ class RankFailed(RuntimeError):
 def spawn(fn, world_size: int, *args, timeout: float = 120.0, collective_timeout: float = 30.0) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{tmp}/store"
-        ctx = mp.start_processes(_run_rank, args=(fn, world_size, init, collective_timeout, args),
-                                 nprocs=world_size, join=False, start_method="spawn")
+        ctx = mp.start_processes(
+            _run_rank,
+            args=(fn, world_size, init, collective_timeout, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=0.2):  # raises as soon as one rank fails, killing the rest
@@ -51,7 +56,7 @@ def _first_failure(folder: Path) -> str | None:
     reports = []
     for path in folder.glob("rank*.error"):
         when, text = path.read_text().split("\n", 1)
-        reports.append((float(when), int(path.stem[len("rank"):]), text))
+        reports.append((float(when), int(path.stem[len("rank") :]), text))
     if not reports:
         return None
     reports.sort()
@@ -62,8 +67,9 @@ def _first_failure(folder: Path) -> str | None:
 def _run_rank(rank: int, fn, world_size: int, init: str, collective_timeout: float, args: tuple) -> None:
     torch.set_num_threads(1)
     folder = Path(init.removeprefix("file://")).parent
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=collective_timeout))
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout)
+    )
     try:
         fn(rank, world_size, *args)
     except BaseException:

@@ -22,16 +22,26 @@ def cases() -> dict[str, tuple[MoEConfig, str]]:
     """name -> (config, input kind): "3d" = [2 sequences, 5, D] per rank; "2d" = [6 + 3 * rank, D]."""
     base = dict(num_experts=8, top_k=2, expert_ffn_size=12)
     return {
-        "dropless, shared expert, all three losses": (MoEConfig(
-            **base, num_shared_experts=1, aux_loss_coef=0.1, seq_aux_loss_coef=0.05, z_loss_coef=0.01), "3d"),
-        "static capacity, eager backend": (MoEConfig(
-            **base, capacity_factor=1.0, aux_loss_coef=0.1, backend="eager"), "2d"),
-        "dynamic capacity, 2-D sequence-wise loss": (MoEConfig(
-            **base, capacity_factor=0.5, capacity_mode="dynamic", seq_aux_loss_coef=0.1, z_loss_coef=0.01), "2d"),
-        "all tokens to rank 0's experts": (MoEConfig(
-            **base, score_func="sigmoid", expert_bias=True, aux_loss_coef=0.1, num_shared_experts=1), "skew"),
-        "static capacity, skewed": (MoEConfig(
-            **base, score_func="sigmoid", expert_bias=True, capacity_factor=1.0), "skew"),
+        "dropless, shared expert, all three losses": (
+            MoEConfig(**base, num_shared_experts=1, aux_loss_coef=0.1, seq_aux_loss_coef=0.05, z_loss_coef=0.01),
+            "3d",
+        ),
+        "static capacity, eager backend": (
+            MoEConfig(**base, capacity_factor=1.0, aux_loss_coef=0.1, backend="eager"),
+            "2d",
+        ),
+        "dynamic capacity, 2-D sequence-wise loss": (
+            MoEConfig(**base, capacity_factor=0.5, capacity_mode="dynamic", seq_aux_loss_coef=0.1, z_loss_coef=0.01),
+            "2d",
+        ),
+        "all tokens to rank 0's experts": (
+            MoEConfig(**base, score_func="sigmoid", expert_bias=True, aux_loss_coef=0.1, num_shared_experts=1),
+            "skew",
+        ),
+        "static capacity, skewed": (
+            MoEConfig(**base, score_func="sigmoid", expert_bias=True, capacity_factor=1.0),
+            "skew",
+        ),
     }
 
 
@@ -73,7 +83,7 @@ def check_layer(rank: int, world: int, ep: int) -> None:
         torch.testing.assert_close(x.grad, world * x_ref.grad.split(sizes)[rank], atol=1e-5, rtol=1e-4, msg=msg)
         check_gradients(layer, ref, ctx, msg)
         if kind == "skew":
-            assert ref.stats["load"][cfg.num_experts // ep:].sum() == 0, msg  # the skew really happened
+            assert ref.stats["load"][cfg.num_experts // ep :].sum() == 0, msg  # the skew really happened
 
 
 def check_gradients(layer: MoE, ref: MoE, ctx, msg: str) -> None:
@@ -85,7 +95,7 @@ def check_gradients(layer: MoE, ref: MoE, ctx, msg: str) -> None:
         if pname.startswith("experts."):
             if ctx.ep > 1:  # this rank's experts; already the mean over the EP group
                 first = layer.dispatcher.first_expert
-                want = want[first:first + layer.dispatcher.num_local]
+                want = want[first : first + layer.dispatcher.num_local]
             group, size = ctx.mesh.get_group("dp"), ctx.dp
             if ctx.ep == 1:
                 group, size = ctx.world_group, ctx.world_size
@@ -99,8 +109,15 @@ def check_bias(rank: int, world: int, ep: int) -> None:
     """Three steps of forward, backward, bias update: the biases follow the reference and
     are bitwise identical on every rank, although every rank routed different tokens."""
     ctx = make_context(ep, torch.device("cpu"))
-    cfg = MoEConfig(num_experts=8, top_k=2, expert_ffn_size=12, score_func="sigmoid", expert_bias=True,
-                    bias_update="zero_mean", bias_update_rate=0.05)
+    cfg = MoEConfig(
+        num_experts=8,
+        top_k=2,
+        expert_ffn_size=12,
+        score_func="sigmoid",
+        expert_bias=True,
+        bias_update="zero_mean",
+        bias_update_rate=0.05,
+    )
     torch.manual_seed(0)
     ref = MoE(cfg, D)
     layer = copy.deepcopy(ref)

@@ -16,20 +16,39 @@ import yaml
 from train_helpers import REPO, fast_args, micro_config, write_corpus
 
 from moe import Transformer
+from moe.cli import main
 from moe.io import checkpoint as ckpt
 from moe.train import trainer as train_mod
-from moe.cli import main
 from moe.train.data import BatchSampler
 from moe.train.metrics import read_rows
 
 WORLD, EP, BATCH = 4, 2, 2
-COMMON = dict(steps=6, save_every=3, eval_every=3, log_every=1, eval_batches=2, grad_clip=0.5, lr=1e-2,
-              min_lr=1e-3, warmup_steps=2)
+COMMON = dict(
+    steps=6,
+    save_every=3,
+    eval_every=3,
+    log_every=1,
+    eval_batches=2,
+    grad_clip=0.5,
+    lr=1e-2,
+    min_lr=1e-3,
+    warmup_steps=2,
+)
 
 
 def torchrun(*argv: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
-           "-m", "moe", "train", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(WORLD),
+        "-m",
+        "moe",
+        "train",
+        *argv,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -66,8 +85,21 @@ def test_ep_fsdp_training_matches_one_process_and_resumes(tmp_path, monkeypatch)
     config.write_text(yaml.safe_dump(micro_config().to_dict()))
     corpus = write_corpus(tmp_path)
     run_dir = tmp_path / "dist"
-    argv = ["--config", str(config), "--data", str(corpus), "--out", str(run_dir), "--ep", str(EP),
-            "--batch-size", str(BATCH), "--no-plots", "--no-progress", *flags(**COMMON)]
+    argv = [
+        "--config",
+        str(config),
+        "--data",
+        str(corpus),
+        "--out",
+        str(run_dir),
+        "--ep",
+        str(EP),
+        "--batch-size",
+        str(BATCH),
+        "--no-plots",
+        "--no-progress",
+        *flags(**COMMON),
+    ]
     torchrun(*argv, "--stop-at", "3")
     torchrun(*argv, "--resume", str(run_dir))
 
@@ -97,8 +129,9 @@ def test_ep_fsdp_training_matches_one_process_and_resumes(tmp_path, monkeypatch)
     final = ckpt.resolve_checkpoint(run_dir)
     assert final.name == "step_00000006"
     assert sorted(p.name for p in final.iterdir()) == sorted(
-        ["config.json", "trainer.json"] + [f"{kind}-rank{r:05d}-of-00004.safetensors"
-                                           for kind in ("model", "optimizer") for r in range(WORLD)])
+        ["config.json", "trainer.json"]
+        + [f"{kind}-rank{r:05d}-of-00004.safetensors" for kind in ("model", "optimizer") for r in range(WORLD)]
+    )
     model, ref_model = Transformer.from_pretrained(final), Transformer.from_pretrained(ref["checkpoint"])
     for name, tensor in ref_model.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], tensor, atol=1e-3, rtol=0, msg=name)

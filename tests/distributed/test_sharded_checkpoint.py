@@ -22,10 +22,26 @@ from moe.distributed import apply_fsdp, clip_grad_norm_, expert_rows, make_conte
 from moe.distributed.checkpoint import load_sharded, save_sharded
 from moe.io.sharded import read_full_model
 
-CONFIG = ModelConfig(name="odd", vocab_size=37, hidden_size=20, num_layers=2, num_heads=2, num_kv_heads=1,
-                     intermediate_size=27, max_seq_len=8, first_k_dense=1,
-                     moe=MoEConfig(num_experts=6, top_k=2, expert_ffn_size=9, num_shared_experts=1,
-                                   score_func="sigmoid", expert_bias=True, aux_loss_coef=0.01))
+CONFIG = ModelConfig(
+    name="odd",
+    vocab_size=37,
+    hidden_size=20,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    intermediate_size=27,
+    max_seq_len=8,
+    first_k_dense=1,
+    moe=MoEConfig(
+        num_experts=6,
+        top_k=2,
+        expert_ffn_size=9,
+        num_shared_experts=1,
+        score_func="sigmoid",
+        expert_bias=True,
+        aux_loss_coef=0.01,
+    ),
+)
 
 
 def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +92,7 @@ def check(rank: int, world: int, folder: str) -> None:
         if name in experts:
             first = experts[name][0]
             assert full[name].shape[0] == CONFIG.moe.num_experts
-            whole_rows = full[name][first:first + whole.shape[0]]
+            whole_rows = full[name][first : first + whole.shape[0]]
         else:
             whole_rows = full[name]
         assert torch.equal(whole_rows, whole), name
@@ -110,7 +126,9 @@ def check(rank: int, world: int, folder: str) -> None:
         data = bytearray(shard.read_bytes())
         data[-1] ^= 0xFF
         shard.write_bytes(bytes(data))
-        with pytest.raises(ValueError, match=r"model-rank00003-of-00004.safetensors: contents differ from the checksum"):
+        with pytest.raises(
+            ValueError, match=r"model-rank00003-of-00004.safetensors: contents differ from the checksum"
+        ):
             read_full_model(final)
 
 

@@ -41,9 +41,14 @@ def assert_same_model(a, b):
     assert torch.equal(a.eval()(ids), b.eval()(ids))
 
 
-@pytest.mark.parametrize("config", [{}, {"tie_embeddings": True}, {"attention": "mla", "kv_lora_rank": 16,
-                                                                    "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
-                                                                    "v_head_dim": 8}])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"tie_embeddings": True},
+        {"attention": "mla", "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8},
+    ],
+)
 def test_save_pretrained_round_trip_is_exact(tmp_path, config):
     model, _ = trained_model(**config)
     model.save_pretrained(tmp_path / "m")
@@ -72,8 +77,11 @@ def test_loading_another_config_names_the_tensor_and_shapes(tmp_path):
     model, _ = trained_model()
     model.save_pretrained(tmp_path)
     other = Transformer(micro_config(hidden_size=48))
-    with pytest.raises(ValueError, match=r"tensor 'embed_tokens.weight' has shape \(256, 32\) but the model "
-                                         r"built from the config expects \(256, 48\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor 'embed_tokens.weight' has shape \(256, 32\) but the model "
+        r"built from the config expects \(256, 48\)",
+    ):
         ckpt.load_model_state(other, ckpt.read_model_tensors(tmp_path), str(tmp_path))
     deeper = Transformer(micro_config(num_layers=4))
     with pytest.raises(ValueError, match=r"has no tensor 'layers.3.attn_norm.weight'"):

@@ -22,10 +22,10 @@ def routing(t, k, e, n_dropped, seed, empty_expert=None):
     scores = torch.rand(t, e, generator=gen)
     if empty_expert is not None:
         scores[:, empty_expert] = -1.0
-    expert = scores.topk(k, dim=1).indices.reshape(-1)             # [T * K], slot order
+    expert = scores.topk(k, dim=1).indices.reshape(-1)  # [T * K], slot order
     dropped = torch.zeros(t * k, dtype=torch.bool)
     dropped[torch.randperm(t * k, generator=gen)[:n_dropped]] = True
-    key = torch.where(dropped, e, expert)                           # dropped rows sort last
+    key = torch.where(dropped, e, expert)  # dropped rows sort last
     row_slot = torch.argsort(key, stable=True)
     counts = torch.bincount(expert[~dropped], minlength=e)
     offs = counts.cumsum(0).to(torch.int32)
@@ -61,9 +61,10 @@ def test_matches_reference_with_drops_and_empty_expert(activation, dtype):
     t, d, f, e, k = 12, 40, 24, 4, 2
     offs, row_token, row_slot = routing(t, k, e, n_dropped=3, seed=0, empty_expert=1)
     x, w_in, w_out = weights(t, d, f, e, activation, dtype, seed=1)
-    y, (dx, dw_in, dw_out) = check_against_reference(x, w_in, w_out, offs, row_token, row_slot, t * k,
-                                                     activation, dtype, seed=2)
-    dropped_slots = row_slot[offs[-1]:]
+    y, (dx, dw_in, dw_out) = check_against_reference(
+        x, w_in, w_out, offs, row_token, row_slot, t * k, activation, dtype, seed=2
+    )
+    dropped_slots = row_slot[offs[-1] :]
     assert dropped_slots.numel() == 3
     assert torch.equal(y[dropped_slots], torch.zeros_like(y[dropped_slots]))
     assert torch.equal(dw_in[1], torch.zeros_like(dw_in[1]))
@@ -83,9 +84,8 @@ def test_slots_named_by_no_row_are_zero():
     offs, row_token, row_slot = routing(t, k, e, n_dropped=2, seed=6)
     x, w_in, w_out = weights(t, d, f, e, "gelu", torch.float32, seed=7)
     num_slots = t * k + 5
-    y, _ = check_against_reference(x, w_in, w_out, offs, row_token, row_slot, num_slots, "gelu",
-                                   torch.float32, seed=8)
-    assert torch.equal(y[t * k:], torch.zeros_like(y[t * k:]))
+    y, _ = check_against_reference(x, w_in, w_out, offs, row_token, row_slot, num_slots, "gelu", torch.float32, seed=8)
+    assert torch.equal(y[t * k :], torch.zeros_like(y[t * k :]))
 
 
 def test_no_rows():
@@ -106,8 +106,7 @@ def test_inference_matches_and_saves_no_preactivation():
     with torch.no_grad():
         y = kernels.expert_ffn(x, w_in, w_out, offs, row_token, row_slot, t * k)
         _, z = torch.ops.moe_kernels.expert_ffn(x, w_in, w_out, offs, row_token, row_slot, t * k, "swiglu", False)
-        ref = kernels.expert_ffn_reference(x.double(), w_in.double(), w_out.double(), offs, row_token,
-                                           row_slot, t * k)
+        ref = kernels.expert_ffn_reference(x.double(), w_in.double(), w_out.double(), offs, row_token, row_slot, t * k)
     assert not y.requires_grad
     assert z.shape == (0, 2 * f)
     assert_close(y, ref, torch.float32, "y")

@@ -22,14 +22,17 @@ def test_worked_example_of_the_docstring():
     assert max_row_tiles(10, 3, 4) == 7
 
 
-@pytest.mark.parametrize("offs, num_rows, block_m", [
-    ([0, 0, 5], 5, 4),             # empty groups first, no tail
-    ([4, 4, 4, 4], 4, 4),          # exactly one full tile, empty groups last
-    ([1], 1, 16),                  # a single row
-    ([0, 17, 17, 40, 40], 45, 8),  # empty first, middle, last, and a tail
-    ([64], 64, 16),                # all rows in one group, whole tiles
-    ([0], 3, 16),                  # only a tail
-])
+@pytest.mark.parametrize(
+    "offs, num_rows, block_m",
+    [
+        ([0, 0, 5], 5, 4),  # empty groups first, no tail
+        ([4, 4, 4, 4], 4, 4),  # exactly one full tile, empty groups last
+        ([1], 1, 16),  # a single row
+        ([0, 17, 17, 40, 40], 45, 8),  # empty first, middle, last, and a tail
+        ([64], 64, 16),  # all rows in one group, whole tiles
+        ([0], 3, 16),  # only a tail
+    ],
+)
 def test_tile_map_matches_reference(offs, num_rows, block_m):
     assert _tiles(offs, num_rows, block_m) == tile_map_reference(offs, num_rows, block_m)
 

@@ -28,33 +28,94 @@ M, D, F, E = 32768, 8192, 2048, 8
 def _rows(dt, k, n, b_transposed=False, scatter=False):
     pointers = {"a_ptr": dt, "b_ptr": dt, "c_ptr": dt, "c_rows_ptr": "*i64" if scatter else None, "offs_ptr": "*i32"}
     b_strides = (1, n) if b_transposed else (n, 1)
-    ints = dict(M=M, N=n, K=k, G=E, n_row_tiles=265, stride_am=k, stride_ak=1, stride_bg=k * n,
-                stride_bk=b_strides[0], stride_bn=b_strides[1], stride_cm=n, stride_cn=1)
+    ints = dict(
+        M=M,
+        N=n,
+        K=k,
+        G=E,
+        n_row_tiles=265,
+        stride_am=k,
+        stride_ak=1,
+        stride_bg=k * n,
+        stride_bk=b_strides[0],
+        stride_bn=b_strides[1],
+        stride_cm=n,
+        stride_cn=1,
+    )
     return pointers, ints
 
 
 def _dw(dt, gather_a=False, gather_dy=False):
-    pointers = {"a_ptr": dt, "a_rows_ptr": "*i64" if gather_a else None, "dy_ptr": dt,
-                "dy_rows_ptr": "*i64" if gather_dy else None, "out_ptr": dt, "offs_ptr": "*i32"}
-    ints = dict(M=M, K=D, N=F, stride_am=D, stride_ak=1, stride_dm=F, stride_dn=1,
-                stride_og=D * F, stride_ok=F, stride_on=1)
+    pointers = {
+        "a_ptr": dt,
+        "a_rows_ptr": "*i64" if gather_a else None,
+        "dy_ptr": dt,
+        "dy_rows_ptr": "*i64" if gather_dy else None,
+        "out_ptr": dt,
+        "offs_ptr": "*i32",
+    }
+    ints = dict(
+        M=M, K=D, N=F, stride_am=D, stride_ak=1, stride_dm=F, stride_dn=1, stride_og=D * F, stride_ok=F, stride_on=1
+    )
     return pointers, ints
 
 
 def _up(n_in):
-    pointers = {"x_ptr": "*bf16", "row_token_ptr": "*i64", "w_ptr": "*bf16", "h_ptr": "*bf16", "z_ptr": "*bf16",
-                "offs_ptr": "*i32"}
-    ints = dict(R=M, F=F, D=D, E=E, n_row_tiles=265, stride_xm=D, stride_xk=1, stride_wg=D * n_in,
-                stride_wk=n_in, stride_wn=1, stride_hm=F, stride_hn=1, stride_zm=n_in, stride_zn=1)
+    pointers = {
+        "x_ptr": "*bf16",
+        "row_token_ptr": "*i64",
+        "w_ptr": "*bf16",
+        "h_ptr": "*bf16",
+        "z_ptr": "*bf16",
+        "offs_ptr": "*i32",
+    }
+    ints = dict(
+        R=M,
+        F=F,
+        D=D,
+        E=E,
+        n_row_tiles=265,
+        stride_xm=D,
+        stride_xk=1,
+        stride_wg=D * n_in,
+        stride_wk=n_in,
+        stride_wn=1,
+        stride_hm=F,
+        stride_hn=1,
+        stride_zm=n_in,
+        stride_zn=1,
+    )
     return pointers, ints
 
 
 def _act_backward(n_in):
-    pointers = {"dy_ptr": "*bf16", "row_slot_ptr": "*i64", "w_ptr": "*bf16", "z_ptr": "*bf16", "dz_ptr": "*bf16",
-                "h_ptr": "*bf16", "offs_ptr": "*i32"}
-    ints = dict(R=M, F=F, D=D, E=E, n_row_tiles=265, stride_dym=D, stride_dyk=1, stride_wg=F * D,
-                stride_wk=1, stride_wn=D, stride_zm=n_in, stride_zn=1, stride_dzm=n_in, stride_dzn=1,
-                stride_hm=F, stride_hn=1)
+    pointers = {
+        "dy_ptr": "*bf16",
+        "row_slot_ptr": "*i64",
+        "w_ptr": "*bf16",
+        "z_ptr": "*bf16",
+        "dz_ptr": "*bf16",
+        "h_ptr": "*bf16",
+        "offs_ptr": "*i32",
+    }
+    ints = dict(
+        R=M,
+        F=F,
+        D=D,
+        E=E,
+        n_row_tiles=265,
+        stride_dym=D,
+        stride_dyk=1,
+        stride_wg=F * D,
+        stride_wk=1,
+        stride_wn=D,
+        stride_zm=n_in,
+        stride_zn=1,
+        stride_dzm=n_in,
+        stride_dzn=1,
+        stride_hm=F,
+        stride_hn=1,
+    )
     return pointers, ints
 
 
@@ -68,30 +129,66 @@ def variants():
     gemm = {"BLOCK_G": 16, "EVEN_K": True, "PRECISION": "ieee"}
     return {
         "grouped_mm forward bf16": (grouped_rows_kernel, *_rows("*bf16", D, F), gemm, "rows/16bit/large"),
-        "grouped_mm dA bf16 (B^T view)": (grouped_rows_kernel, *_rows("*bf16", F, D, b_transposed=True), gemm,
-                                          "rows/16bit/large"),
+        "grouped_mm dA bf16 (B^T view)": (
+            grouped_rows_kernel,
+            *_rows("*bf16", F, D, b_transposed=True),
+            gemm,
+            "rows/16bit/large",
+        ),
         "grouped_mm forward fp32": (grouped_rows_kernel, *_rows("*fp32", D, F), gemm, "rows/fp32/large"),
-        "grouped_mm decode, ragged K": (grouped_rows_kernel, *_rows("*bf16", 100, F), {**gemm, "EVEN_K": False},
-                                        "rows/16bit/decode"),
+        "grouped_mm decode, ragged K": (
+            grouped_rows_kernel,
+            *_rows("*bf16", 100, F),
+            {**gemm, "EVEN_K": False},
+            "rows/16bit/decode",
+        ),
         "ffn down (scatter)": (grouped_rows_kernel, *_rows("*bf16", F, D, scatter=True), gemm, "rows/16bit/large"),
         "grouped_mm dB bf16": (grouped_dw_kernel, *_dw("*bf16"), {"PRECISION": "ieee"}, "dw/16bit/large"),
         "grouped_mm dB fp32": (grouped_dw_kernel, *_dw("*fp32"), {"PRECISION": "ieee"}, "dw/fp32/large"),
-        "ffn dW_in (gather x)": (grouped_dw_kernel, *_dw("*bf16", gather_a=True), {"PRECISION": "ieee"},
-                                 "dw/16bit/large"),
-        "ffn dW_out (gather dy)": (grouped_dw_kernel, *_dw("*bf16", gather_dy=True), {"PRECISION": "ieee"},
-                                   "dw/16bit/small"),
-        "ffn up swiglu": (ffn_up_kernel, *_up(2 * F), {**gemm, "ACTIVATION": "swiglu", "STORE_Z": True},
-                          "swiglu_up/16bit/large"),
-        "ffn up swiglu decode, no z": (ffn_up_kernel, *_up(2 * F), {**gemm, "ACTIVATION": "swiglu", "STORE_Z": False},
-                                       "swiglu_up/16bit/decode"),
+        "ffn dW_in (gather x)": (
+            grouped_dw_kernel,
+            *_dw("*bf16", gather_a=True),
+            {"PRECISION": "ieee"},
+            "dw/16bit/large",
+        ),
+        "ffn dW_out (gather dy)": (
+            grouped_dw_kernel,
+            *_dw("*bf16", gather_dy=True),
+            {"PRECISION": "ieee"},
+            "dw/16bit/small",
+        ),
+        "ffn up swiglu": (
+            ffn_up_kernel,
+            *_up(2 * F),
+            {**gemm, "ACTIVATION": "swiglu", "STORE_Z": True},
+            "swiglu_up/16bit/large",
+        ),
+        "ffn up swiglu decode, no z": (
+            ffn_up_kernel,
+            *_up(2 * F),
+            {**gemm, "ACTIVATION": "swiglu", "STORE_Z": False},
+            "swiglu_up/16bit/decode",
+        ),
         "ffn up gelu": (ffn_up_kernel, *_up(F), {**gemm, "ACTIVATION": "gelu", "STORE_Z": True}, "rows/16bit/large"),
-        "ffn dh + swiglu backward": (ffn_act_backward_kernel, *_act_backward(2 * F), {**gemm, "ACTIVATION": "swiglu"},
-                                     "rows/16bit/large"),
-        "ffn dh + gelu backward": (ffn_act_backward_kernel, *_act_backward(F), {**gemm, "ACTIVATION": "gelu"},
-                                   "rows/16bit/small"),
-        "dx token sum": (sum_rows_kernel, {"src_ptr": "*bf16", "order_ptr": "*i64", "bounds_ptr": "*i64",
-                                           "out_ptr": "*bf16"},
-                         dict(D=D, stride_sm=D, stride_sd=1, stride_om=D, stride_od=1), {"BLOCK_D": 1024}, None),
+        "ffn dh + swiglu backward": (
+            ffn_act_backward_kernel,
+            *_act_backward(2 * F),
+            {**gemm, "ACTIVATION": "swiglu"},
+            "rows/16bit/large",
+        ),
+        "ffn dh + gelu backward": (
+            ffn_act_backward_kernel,
+            *_act_backward(F),
+            {**gemm, "ACTIVATION": "gelu"},
+            "rows/16bit/small",
+        ),
+        "dx token sum": (
+            sum_rows_kernel,
+            {"src_ptr": "*bf16", "order_ptr": "*i64", "bounds_ptr": "*i64", "out_ptr": "*bf16"},
+            dict(D=D, stride_sm=D, stride_sd=1, stride_om=D, stride_od=1),
+            {"BLOCK_D": 1024},
+            None,
+        ),
     }
 
 
@@ -106,8 +203,10 @@ def build(name: str) -> str:
     kernel, pointers, ints, constexprs, key = variants()[name]
     table = load_table()
     cfg = (table["h100"].get(key) or table["default"][key]) if key else {"num_warps": 4, "num_stages": 2}
-    consts = {**{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M") if k in kernel.arg_names},
-              **constexprs}
+    consts = {
+        **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M") if k in kernel.arg_names},
+        **constexprs,
+    }
     signature, attrs = {}, {}
     for i, arg in enumerate(kernel.arg_names):
         if arg in pointers and pointers[arg] is not None:
@@ -123,8 +222,11 @@ def build(name: str) -> str:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         signature.setdefault(arg, "constexpr")
     source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    compiled = triton.compile(
+        source,
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+    )
     ptx = compiled.asm["ptx"]
     mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "no mma"
     return f"{name:34s} {key or '-':24s} shared {compiled.metadata.shared:6d} B  {mma}"

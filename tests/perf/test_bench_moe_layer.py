@@ -12,10 +12,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_moe_layer_bench_machinery_on_cpu(tmp_path):
     # The real shapes need a GPU; --cpu-smoke runs every backend on a tiny fp32 layer.
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "moe_layer.py"), "--cpu-smoke",
-                           "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
-                          env={"TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
-                               "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "moe_layer.py"), "--cpu-smoke", "--results-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     (result_file,) = tmp_path.glob("*/moe_layer.json")
     result = json.loads(result_file.read_text())
@@ -27,8 +30,12 @@ def test_moe_layer_bench_machinery_on_cpu(tmp_path):
 
 
 def test_moe_layer_bench_refuses_cpu_without_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "moe_layer.py"), "--results-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "moe_layer.py"), "--results-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert proc.returncode == 2
     assert "needs a CUDA GPU" in proc.stderr

@@ -4,16 +4,23 @@ import pytest
 import torch
 
 from moe import ModelConfig, MoE, MoEConfig, load_config
-from moe.perf.components import (KINDS, RankMoE, build, layer_counts, make_step, scale_config,
-                            train_flops_per_token)
+from moe.perf.components import KINDS, RankMoE, build, layer_counts, make_step, scale_config, train_flops_per_token
 from moe.perf.flops import active_params, count
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.parametrize("path, ep", [("tiny.yaml", 1), ("tiny.yaml", 4), ("full/deepseek-v3.yaml", 64),
-                                      ("full/ling-1t.yaml", 8), ("full/mixtral-8x7b.yaml", 8),
-                                      ("deepseek-v3-mini.yaml", 2)])
+@pytest.mark.parametrize(
+    "path, ep",
+    [
+        ("tiny.yaml", 1),
+        ("tiny.yaml", 4),
+        ("full/deepseek-v3.yaml", 64),
+        ("full/ling-1t.yaml", 8),
+        ("full/mixtral-8x7b.yaml", 8),
+        ("deepseek-v3-mini.yaml", 2),
+    ],
+)
 def test_components_add_up_to_the_model_flops(path, ep):
     config = load_config(CONFIGS / path)
     counts = layer_counts(config)
@@ -29,8 +36,17 @@ def test_components_add_up_with_tied_embeddings_and_no_moe():
     assert total == pytest.approx(count(config, 64).train_flops_per_token, rel=1e-12)
 
 
-MOE = MoEConfig(num_experts=8, top_k=3, expert_ffn_size=12, num_shared_experts=1, score_func="sigmoid",
-                n_group=4, topk_group=2, expert_bias=True, routed_scaling_factor=2.5)
+MOE = MoEConfig(
+    num_experts=8,
+    top_k=3,
+    expert_ffn_size=12,
+    num_shared_experts=1,
+    score_func="sigmoid",
+    n_group=4,
+    topk_group=2,
+    expert_bias=True,
+    routed_scaling_factor=2.5,
+)
 
 
 def test_rank_moe_with_one_rank_is_the_moe_layer():

@@ -33,9 +33,16 @@ def test_full_configs_match_published_parameter_counts(name):
 
 
 def test_counts_by_hand_on_a_small_model():
-    cfg = ModelConfig(vocab_size=10, hidden_size=8, num_layers=2, num_heads=2, intermediate_size=12,
-                      first_k_dense=1, max_seq_len=5,
-                      moe=MoEConfig(num_experts=4, top_k=1, expert_ffn_size=6, num_shared_experts=1))
+    cfg = ModelConfig(
+        vocab_size=10,
+        hidden_size=8,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=12,
+        first_k_dense=1,
+        max_seq_len=5,
+        moe=MoEConfig(num_experts=4, top_k=1, expert_ffn_size=6, num_shared_experts=1),
+    )
     c = count(cfg)
     model = Transformer(cfg)
     assert c.params_total == sum(p.numel() for p in model.parameters())

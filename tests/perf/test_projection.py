@@ -4,8 +4,19 @@ import pytest
 
 from moe import load_config
 from moe.perf import device_peaks as device_info
-from moe.perf.projection import (Claim, Cluster, Component, ModelShape, all_to_all_seconds_per_token, compare,
-                            fsdp_seconds_per_token, implied_tflops_per_gpu, project, projected_value, training_run)
+from moe.perf.projection import (
+    Claim,
+    Cluster,
+    Component,
+    ModelShape,
+    all_to_all_seconds_per_token,
+    compare,
+    fsdp_seconds_per_token,
+    implied_tflops_per_gpu,
+    project,
+    projected_value,
+    training_run,
+)
 from moe.perf.published import CLAIMS, claims_for
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -76,8 +87,15 @@ def test_training_run_by_hand():
     assert run.cost == pytest.approx(2e9 / 3600)
 
 
-@pytest.mark.parametrize("kw, key", [(dict(ep_degree=3), "divide"), (dict(overlap=1.5), "overlap"),
-                                     (dict(ib_GBps=0.0), "ib_GBps"), (dict(gpus=0), "gpus")])
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        (dict(ep_degree=3), "divide"),
+        (dict(overlap=1.5), "overlap"),
+        (dict(ib_GBps=0.0), "ib_GBps"),
+        (dict(gpus=0), "gpus"),
+    ],
+)
 def test_cluster_rejects_impossible_settings(kw, key):
     with pytest.raises(ValueError, match=key):
         cluster(**kw)
@@ -106,14 +124,17 @@ def test_the_seed_10t_claim_needs_more_than_an_h100_bf16_peak():
     assert lo > device_info.datasheet_tflops("h100-sxm", "bf16") == 989.4
 
 
-@pytest.mark.parametrize("low, high, projected, ratio, off", [
-    (100.0, None, 40.0, (2.5, 2.5), True),
-    (100.0, None, 60.0, (100 / 60, 100 / 60), False),
-    (100.0, None, 50.0, (2.0, 2.0), False),  # exactly 2x is not "more than"
-    (100.0, None, 201.0, (100 / 201, 100 / 201), True),
-    (100.0, 300.0, 40.0, (2.5, 7.5), True),
-    (10.0, 100.0, 40.0, (0.25, 2.5), False),  # a range straddling the projection is not off
-])
+@pytest.mark.parametrize(
+    "low, high, projected, ratio, off",
+    [
+        (100.0, None, 40.0, (2.5, 2.5), True),
+        (100.0, None, 60.0, (100 / 60, 100 / 60), False),
+        (100.0, None, 50.0, (2.0, 2.0), False),  # exactly 2x is not "more than"
+        (100.0, None, 201.0, (100 / 201, 100 / 201), True),
+        (100.0, 300.0, 40.0, (2.5, 7.5), True),
+        (10.0, 100.0, 40.0, (0.25, 2.5), False),  # a range straddling the projection is not off
+    ],
+)
 def test_off_by_more_than_2x(low, high, projected, ratio, off):
     result = compare(Claim("x", "m", "tflops_per_gpu", low, high), projected)
     assert result["ratio"] == pytest.approx(ratio)
@@ -121,13 +142,17 @@ def test_off_by_more_than_2x(low, high, projected, ratio, off):
 
 
 def test_compare_without_a_projection():
-    assert compare(Claim("x", "m", "gpu_hours", 1.0), None) == {"projected": None, "ratio": None,
-                                                                "off_by_more_than_2x": None}
+    assert compare(Claim("x", "m", "gpu_hours", 1.0), None) == {
+        "projected": None,
+        "ratio": None,
+        "off_by_more_than_2x": None,
+    }
 
 
 def test_projected_values_follow_the_claimed_metric():
-    p = project([Component("dense", 1, 1e-3, 1e9)], shape(moe_layers=0, expert_params=0, dense_params=0),
-                cluster(ep_degree=1))
+    p = project(
+        [Component("dense", 1, 1e-3, 1e9)], shape(moe_layers=0, expert_params=0, dense_params=0), cluster(ep_degree=1)
+    )
     assert projected_value(Claim("x", "m", "tokens_per_s_per_gpu", 1.0), p, 1e10) == p.tokens_per_s_per_gpu
     assert projected_value(Claim("x", "m", "tflops_per_gpu", 1.0), p, 1e10) == p.achieved_tflops
     hours = projected_value(Claim("x", "m", "gpu_hours", 1.0, tokens=1e12), p, 1e10)

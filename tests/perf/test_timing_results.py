@@ -54,17 +54,20 @@ def test_cpu_is_labelled_and_has_no_datasheet_peak():
         timing.pick_dtype("int3", CPU)
 
 
-@pytest.mark.parametrize("name, key, bf16", [
-    ("NVIDIA H100 80GB HBM3", "h100-sxm", 989.4),
-    ("NVIDIA H100 PCIe", "h100-pcie", 756.5),
-    ("NVIDIA H100 NVL", "h100-nvl", 835.5),
-    ("NVIDIA H800", "h800-sxm", 989.4),
-    ("NVIDIA H200", "h200-sxm", 989.4),
-    ("NVIDIA GH200 480GB", "gh200", 989.4),
-    ("NVIDIA A100-SXM4-80GB", "a100", 312.0),
-    ("NVIDIA B200", "b200", 2250.0),
-    ("h100-sxm", "h100-sxm", 989.4),
-])
+@pytest.mark.parametrize(
+    "name, key, bf16",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100-sxm", 989.4),
+        ("NVIDIA H100 PCIe", "h100-pcie", 756.5),
+        ("NVIDIA H100 NVL", "h100-nvl", 835.5),
+        ("NVIDIA H800", "h800-sxm", 989.4),
+        ("NVIDIA H200", "h200-sxm", 989.4),
+        ("NVIDIA GH200 480GB", "gh200", 989.4),
+        ("NVIDIA A100-SXM4-80GB", "a100", 312.0),
+        ("NVIDIA B200", "b200", 2250.0),
+        ("h100-sxm", "h100-sxm", 989.4),
+    ],
+)
 def test_datasheet_lookup(name, key, bf16):
     assert device_info.lookup(name).key == key
     assert device_info.datasheet_tflops(name, "bf16") == bf16

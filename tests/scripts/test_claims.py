@@ -28,9 +28,21 @@ VERDICTS = {"reproduced", "not reproduced", "not measurable at this scale"}
 
 def run_script(*args, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "claims.py"), *args,
-                           "--runs-dir", str(tmp_path / "runs"), "--docs-dir", str(tmp_path / "docs")],
-                          capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "claims.py"),
+            *args,
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--docs-dir",
+            str(tmp_path / "docs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +58,12 @@ def quick(tmp_path_factory):
 def test_page_has_every_section_plot_and_verdict(quick):
     tmp_path, result, page = quick
     assert page.startswith("# The seed article's MoE claims") and "QUICK MODE" in page
-    for heading in ("## Summary", "## 1. Load balancing", "## 2. Hierarchical layering",
-                    "## 3. Dynamic expert capacity"):
+    for heading in (
+        "## Summary",
+        "## 1. Load balancing",
+        "## 2. Hierarchical layering",
+        "## 3. Dynamic expert capacity",
+    ):
         assert heading in page
     assert page.count("**Rule.**") == 3
     assert "python scripts/claims.py --quick" in result["command"] and result["quick"]
@@ -83,7 +99,7 @@ def test_numbers_come_from_the_runs(quick):
     # Claim 1: the window utilisation is K x the load averaged over the last third of the logged rows.
     numbers = result["claims"]["balance"]
     rows = [r for r in read_rows(runs / "balance" / "none" / "metrics.jsonl") if r["kind"] == "train"]
-    window = rows[-max(1, round(len(rows) / 3)):]
+    window = rows[-max(1, round(len(rows) / 3)) :]
     u_LE = numbers["top_k"] * np.mean([[e["load"] for e in r["layers"]] for r in window], axis=0)
     assert numbers["methods"]["none"]["window"]["util_max"] == pytest.approx(u_LE.max(), abs=1e-6)
     assert numbers["methods"]["none"]["window"]["util_sorted"][0] == pytest.approx(sorted(u_LE[0])[::-1], abs=1e-6)
@@ -147,53 +163,81 @@ def capacity_rule(n):
 
 
 def balance_numbers(p_band, none_worst, in_band):
-    window = lambda worst, share: {"max_mean_worst": worst, "in_band_share": share, "util_min": 0.1,  # noqa: E731
-                                   "util_max": 0.2}
-    methods = {"none": {"label": "none", "window": window(none_worst, 0.1)},
-               "switch": {"label": "switch", "window": window(1.1, in_band)}}
+    window = lambda worst, share: {
+        "max_mean_worst": worst,
+        "in_band_share": share,
+        "util_min": 0.1,  # noqa: E731
+        "util_max": 0.2,
+    }
+    methods = {
+        "none": {"label": "none", "window": window(none_worst, 0.1)},
+        "switch": {"label": "switch", "window": window(1.1, in_band)},
+    }
     return {"uniform": {"p_band": p_band}, "methods": methods, "top_k": 4, "num_experts": 32}
 
 
 def layering_numbers(speedups, losses):
-    q = lambda v: {"median": float(np.median(v)), "p20": float(np.quantile(v, 0.2)),  # noqa: E731
-                   "p80": float(np.quantile(v, 0.8))}
-    return {"comparisons": {"2-4-2-4": {"speedup": q(speedups), "loss_change_samples": losses,
-                                        "loss_change": {"mean": float(np.mean(losses)), "min": min(losses),
-                                                        "max": max(losses)}}}}
+    q = lambda v: {
+        "median": float(np.median(v)),
+        "p20": float(np.quantile(v, 0.2)),  # noqa: E731
+        "p80": float(np.quantile(v, 0.8)),
+    }
+    return {
+        "comparisons": {
+            "2-4-2-4": {
+                "speedup": q(speedups),
+                "loss_change_samples": losses,
+                "loss_change": {"mean": float(np.mean(losses)), "min": min(losses), "max": max(losses)},
+            }
+        }
+    }
 
 
 def capacity_numbers(*pairs):
-    return {"settings": {f"s{i}": {"label": f"s{i}", "modes": {"static": {"drop_mean": s}, "dynamic": {"drop_mean": d}}}
-                         for i, (s, d) in enumerate(pairs)}}
+    return {
+        "settings": {
+            f"s{i}": {"label": f"s{i}", "modes": {"static": {"drop_mean": s}, "dynamic": {"drop_mean": d}}}
+            for i, (s, d) in enumerate(pairs)
+        }
+    }
 
 
-@pytest.mark.parametrize("numbers, expected", [
-    (balance_numbers(0.9, 8.0, 1.0), "reproduced"),
-    (balance_numbers(0.9, 8.0, 0.97), "not reproduced"),  # one expert outside the band
-    (balance_numbers(0.9, 1.5, 1.0), "not reproduced"),  # the baseline was not uneven
-    (balance_numbers(0.2, 8.0, 1.0), "not measurable at this scale"),  # noise wider than the band
-])
+@pytest.mark.parametrize(
+    "numbers, expected",
+    [
+        (balance_numbers(0.9, 8.0, 1.0), "reproduced"),
+        (balance_numbers(0.9, 8.0, 0.97), "not reproduced"),  # one expert outside the band
+        (balance_numbers(0.9, 1.5, 1.0), "not reproduced"),  # the baseline was not uneven
+        (balance_numbers(0.2, 8.0, 1.0), "not measurable at this scale"),  # noise wider than the band
+    ],
+)
 def test_balance_rule(numbers, expected):
     assert balance.verdict(numbers)[0] == balance_rule(numbers) == expected
 
 
-@pytest.mark.parametrize("speedups, losses, expected", [
-    ([0.3, 0.32, 0.35], [0.01, 0.012], "reproduced"),
-    ([0.02, 0.05, 0.04], [0.01, 0.012], "not reproduced"),  # not faster
-    ([0.3, 0.32, 0.35], [0.05, 0.06], "not reproduced"),  # much worse on every seed
-    ([0.05, 0.2, 0.3], [0.01, 0.012], "not measurable at this scale"),  # timing noise spans 15%
-    ([0.3, 0.32, 0.35], [0.01, 0.05], "not measurable at this scale"),  # seeds disagree
-])
+@pytest.mark.parametrize(
+    "speedups, losses, expected",
+    [
+        ([0.3, 0.32, 0.35], [0.01, 0.012], "reproduced"),
+        ([0.02, 0.05, 0.04], [0.01, 0.012], "not reproduced"),  # not faster
+        ([0.3, 0.32, 0.35], [0.05, 0.06], "not reproduced"),  # much worse on every seed
+        ([0.05, 0.2, 0.3], [0.01, 0.012], "not measurable at this scale"),  # timing noise spans 15%
+        ([0.3, 0.32, 0.35], [0.01, 0.05], "not measurable at this scale"),  # seeds disagree
+    ],
+)
 def test_layering_rule(speedups, losses, expected):
     numbers = layering_numbers(speedups, losses)
     assert layering.verdict(numbers)[0] == layering_rule(numbers) == expected
 
 
-@pytest.mark.parametrize("pairs, expected", [
-    ([(0.08, 0.01), (0.01, 0.0)], "reproduced"),  # the second setting has nothing to cut
-    ([(0.08, 0.03)], "not reproduced"),
-    ([(0.01, 0.0)], "not measurable at this scale"),
-])
+@pytest.mark.parametrize(
+    "pairs, expected",
+    [
+        ([(0.08, 0.01), (0.01, 0.0)], "reproduced"),  # the second setting has nothing to cut
+        ([(0.08, 0.03)], "not reproduced"),
+        ([(0.01, 0.0)], "not measurable at this scale"),
+    ],
+)
 def test_capacity_rule(pairs, expected):
     numbers = capacity_numbers(*pairs)
     assert capacity.verdict(numbers)[0] == capacity_rule(numbers) == expected
@@ -202,8 +246,12 @@ def test_capacity_rule(pairs, expected):
 def test_dense_ffn_matches_an_moe_layers_active_parameters():
     from moe import ModelConfig, MoEConfig
 
-    config = ModelConfig(hidden_size=48, num_layers=3, num_heads=4, moe=MoEConfig(
-        num_experts=16, top_k=3, expert_ffn_size=40, num_shared_experts=1, activation="gelu"))
+    config = ModelConfig(
+        hidden_size=48,
+        num_layers=3,
+        num_heads=4,
+        moe=MoEConfig(num_experts=16, top_k=3, expert_ffn_size=40, num_shared_experts=1, activation="gelu"),
+    )
     width = layering.matched_dense_ffn(config)
     dense = count(ModelConfig(**{**config.__dict__, "moe": None, "intermediate_size": width})).params_active
     per_unit = 2 * 48  # a GELU FFN has two matrices: one unit of width is 2 x hidden parameters

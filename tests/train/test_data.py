@@ -2,8 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from moe.train.data import (NUM_PIECES, BatchSampler, TokenView, check_vocab, eval_batches, load_corpus,
-                      split_ranges, stdlib_files)
+from moe.train.data import (
+    NUM_PIECES,
+    BatchSampler,
+    TokenView,
+    check_vocab,
+    eval_batches,
+    load_corpus,
+    split_ranges,
+    stdlib_files,
+)
 
 
 def test_default_corpus_is_the_standard_library_as_bytes():
@@ -40,7 +48,7 @@ def test_token_view_reads_ranges_as_one_stream():
     offsets = np.array([0, 95, 99, 105, 109, 400, len(reference) - 8])
     got = view.windows(offsets, 8)
     assert got.dtype == torch.int64
-    assert torch.equal(got, torch.from_numpy(np.stack([reference[o:o + 8] for o in offsets]).astype(np.int64)))
+    assert torch.equal(got, torch.from_numpy(np.stack([reference[o : o + 8] for o in offsets]).astype(np.int64)))
 
 
 def test_sampler_is_counter_based_and_resumes_exactly():

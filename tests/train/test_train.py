@@ -40,8 +40,18 @@ def test_training_lowers_validation_loss_and_logs_the_documented_rows(tmp_path):
     train = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(5, 61, 5))
     row = train[-1]
-    assert {"loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "drop_rate", "load_max_mean", "layers",
-            "tokens", "elapsed_s"} <= row.keys()
+    assert {
+        "loss",
+        "aux_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "drop_rate",
+        "load_max_mean",
+        "layers",
+        "tokens",
+        "elapsed_s",
+    } <= row.keys()
     assert row["tokens"] == 60 * 4 * 32 and row["aux_loss"] > 0 and row["tokens_per_s"] > 0
     assert [entry["layer"] for entry in row["layers"]] == [1, 2]  # layer 0 is dense
     for entry in row["layers"]:
@@ -109,8 +119,11 @@ def test_refuses_to_overwrite_another_run_unless_asked(tmp_path):
     run(micro_config(), fast_args(tmp_path, steps=2))
     run_dir = tmp_path / "run"
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    with pytest.raises(FileExistsError, match=r"holds another run \(run.json, metrics.jsonl, checkpoints\); "
-                                              r"pass --resume"):
+    with pytest.raises(
+        FileExistsError,
+        match=r"holds another run \(run.json, metrics.jsonl, checkpoints\); "
+        r"pass --resume",
+    ):
         run(micro_config(), fast_args(tmp_path, steps=2))
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     summary = run(micro_config(), fast_args(tmp_path, steps=3, overwrite=True))
@@ -132,7 +145,10 @@ def test_time_limit_stops_and_saves(tmp_path):
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"token id 1\d\d in .*corpus.txt is outside the vocabulary "
-                                         r"\(config vocab_size = 64\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"token id 1\d\d in .*corpus.txt is outside the vocabulary "
+        r"\(config vocab_size = 64\)",
+    ):
         run(micro_config(vocab_size=64), fast_args(tmp_path, steps=2))
     assert not (tmp_path / "run").exists()

@@ -42,13 +42,21 @@ def family_of(hf: dict) -> Family:
     if model_type == BailingMoeV2.published_model_type and BailingMoeV2.architecture in (hf.get("architectures") or []):
         return FAMILIES[BailingMoeV2.model_type]
     if model_type not in FAMILIES:
-        raise ValueError(f"unsupported model_type {model_type!r} (architectures {hf.get('architectures')}); "
-                         f"supported: {', '.join(FAMILIES)}, and bailing_moe with BailingMoeV2ForCausalLM")
+        raise ValueError(
+            f"unsupported model_type {model_type!r} (architectures {hf.get('architectures')}); "
+            f"supported: {', '.join(FAMILIES)}, and bailing_moe with BailingMoeV2ForCausalLM"
+        )
     return FAMILIES[model_type]
 
 
-def load_hf(directory: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-            backend: str | None = None, progress: bool = False) -> Transformer:
+def load_hf(
+    directory: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    backend: str | None = None,
+    progress: bool = False,
+) -> Transformer:
     """A Hugging Face model folder -> `Transformer` in eval mode.
 
     dtype: of the weights (default: the checkpoint's declared dtype, else float32); the routers'
@@ -124,8 +132,15 @@ def hf_config(config: ModelConfig, family: str | None = None) -> tuple[Family, d
     raise ValueError("; ".join(reasons) if family else "no Hugging Face family fits this model: " + "; ".join(reasons))
 
 
-def save_hf(model: Transformer, directory: str | Path, *, family: str | None = None, dtype: torch.dtype | None = None,
-            max_shard_bytes: int = writer.SHARD_BYTES, progress: bool = False) -> Path:
+def save_hf(
+    model: Transformer,
+    directory: str | Path,
+    *,
+    family: str | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = writer.SHARD_BYTES,
+    progress: bool = False,
+) -> Path:
     """Write `model` as a Hugging Face folder of `family` (default: the first that fits).
 
     dtype: of the written weights (default: the model's); selection biases stay float32.
@@ -140,12 +155,18 @@ def save_hf(model: Transformer, directory: str | Path, *, family: str | None = N
     pieces = fam.pieces(model.config)
     covered = {p.ours for p in pieces}
     tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
-    lost = [n for n, t in state.items()
-            if n not in covered and n not in tied and not (n.endswith("expert_bias") and not t.any())]
+    lost = [
+        n
+        for n, t in state.items()
+        if n not in covered and n not in tied and not (n.endswith("expert_bias") and not t.any())
+    ]
     if lost:
-        raise ValueError(f"cannot export as {fam.model_type}: it has no tensor for {', '.join(lost)} "
-                         "(a nonzero router selection bias)")
-    dtypes = {p.hf: torch.float32 if p.hf.endswith(("expert_bias", "e_score_correction_bias")) else dtype
-              for p in pieces}
+        raise ValueError(
+            f"cannot export as {fam.model_type}: it has no tensor for {', '.join(lost)} "
+            "(a nonzero router selection bias)"
+        )
+    dtypes = {
+        p.hf: torch.float32 if p.hf.endswith(("expert_bias", "e_score_correction_bias")) else dtype for p in pieces
+    }
     writer.write_checkpoint(directory, config, state, pieces, dtypes, max_shard_bytes, progress)
     return directory

@@ -25,49 +25,83 @@ class Mixtral(Family):
         return Names(moe="block_sparse_moe", expert=("w1", "w3", "w2"))
 
     def to_config(self, hf: dict, name: str) -> ModelConfig:
-        require(hf, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_local_experts", "num_experts_per_tok")
+        require(
+            hf,
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_local_experts",
+            "num_experts_per_tok",
+        )
         expect(hf, "hidden_act", ("silu",), "silu")
         window, max_len = hf.get("sliding_window"), hf.get("max_position_embeddings", 4096 * 32)
         if window is not None and window < max_len:  # a window over the whole context changes nothing
             raise config_error("sliding_window", window, f"is not supported (below max_position_embeddings={max_len})")
         theta, scaling = rope_from_hf(hf, default_theta=1e6)
         return ModelConfig(
-            name=name, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-            num_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
-            max_seq_len=max_len, norm_eps=hf.get("rms_norm_eps", 1e-5),
-            tie_embeddings=hf.get("tie_word_embeddings", False), init_std=hf.get("initializer_range", 0.02),
-            rope_theta=theta, rope_scaling=scaling,
-            moe=MoEConfig(num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
-                          expert_ffn_size=hf["intermediate_size"], score_func="softmax", norm_topk_prob=True),
+            name=name,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf.get("num_key_value_heads"),
+            head_dim=hf.get("head_dim"),
+            max_seq_len=max_len,
+            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            init_std=hf.get("initializer_range", 0.02),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            moe=MoEConfig(
+                num_experts=hf["num_local_experts"],
+                top_k=hf["num_experts_per_tok"],
+                expert_ffn_size=hf["intermediate_size"],
+                score_func="softmax",
+                norm_topk_prob=True,
+            ),
         )
 
     def to_hf(self, cfg: ModelConfig) -> dict:
         moe = cfg.moe
-        refuse(self.model_type, {
-            "MLA attention": cfg.attention != "gqa",
-            "dense FFN layers (Mixtral's are all MoE)": moe is None or not all(layer_plan(cfg)),
-        })
-        refuse(self.model_type, {
-            "shared experts": moe.num_shared_experts > 0,
-            "sigmoid router scores": moe.score_func != "softmax",
-            "unnormalised top-k weights (norm_topk_prob false)": not moe.norm_topk_prob,
-            "group-limited routing": moe.n_group > 1,
-            "routed_scaling_factor != 1": moe.routed_scaling_factor != 1.0,
-            "GELU experts": moe.activation != "swiglu",
-            "QK-norm": cfg.qk_norm,
-            "attention biases": cfg.attention_bias or cfg.attention_out_bias,
-            "partial RoPE": cfg.rope_fraction != 1.0,
-            "interleaved RoPE": cfg.rope_interleave,
-        })
+        refuse(
+            self.model_type,
+            {
+                "MLA attention": cfg.attention != "gqa",
+                "dense FFN layers (Mixtral's are all MoE)": moe is None or not all(layer_plan(cfg)),
+            },
+        )
+        refuse(
+            self.model_type,
+            {
+                "shared experts": moe.num_shared_experts > 0,
+                "sigmoid router scores": moe.score_func != "softmax",
+                "unnormalised top-k weights (norm_topk_prob false)": not moe.norm_topk_prob,
+                "group-limited routing": moe.n_group > 1,
+                "routed_scaling_factor != 1": moe.routed_scaling_factor != 1.0,
+                "GELU experts": moe.activation != "swiglu",
+                "QK-norm": cfg.qk_norm,
+                "attention biases": cfg.attention_bias or cfg.attention_out_bias,
+                "partial RoPE": cfg.rope_fraction != 1.0,
+                "interleaved RoPE": cfg.rope_interleave,
+            },
+        )
         return {
-            "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-            "intermediate_size": moe.ffn_size(cfg.hidden_size), "num_hidden_layers": cfg.num_layers,
-            "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads,
-            "head_dim": cfg.dim_per_head, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
-            "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-            "initializer_range": cfg.init_std, "sliding_window": None,
-            "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": moe.ffn_size(cfg.hidden_size),
+            "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.kv_heads,
+            "head_dim": cfg.dim_per_head,
+            "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_seq_len,
+            "rms_norm_eps": cfg.norm_eps,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "initializer_range": cfg.init_std,
+            "sliding_window": None,
+            "num_local_experts": moe.num_experts,
+            "num_experts_per_tok": moe.top_k,
             **rope_to_hf(cfg),
         }

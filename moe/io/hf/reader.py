@@ -62,15 +62,18 @@ def scan(directory: Path) -> dict[str, Entry]:
                 names = set(f.keys())
                 for name in sorted(names if wanted is None else wanted & names):
                     if name in entries:
-                        raise ValueError(f"{directory}: tensor {name} is in both {entries[name].file.name} "
-                                         f"and {file.name}")
+                        raise ValueError(
+                            f"{directory}: tensor {name} is in both {entries[name].file.name} and {file.name}"
+                        )
                     s = f.get_slice(name)
                     entries[name] = Entry(file, tuple(s.get_shape()), s.get_dtype())
         except SafetensorError as e:
             raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
         if wanted is not None and wanted - names:
-            raise ValueError(f"{file}: {INDEX} lists {len(wanted - names)} tensor(s) this file lacks, "
-                             f"e.g. {sorted(wanted - names)[0]}")
+            raise ValueError(
+                f"{file}: {INDEX} lists {len(wanted - names)} tensor(s) this file lacks, "
+                f"e.g. {sorted(wanted - names)[0]}"
+            )
     return entries
 
 
@@ -94,14 +97,17 @@ def _shard_files(directory: Path) -> dict[Path, set[str] | None]:
         return {f: None for f in shards}
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise ValueError(f"{directory}: only pickle checkpoints ({', '.join(pickles)}); moe never unpickles "
-                         "(it can run code): convert them to safetensors first, e.g. with transformers' "
-                         "save_pretrained")
+        raise ValueError(
+            f"{directory}: only pickle checkpoints ({', '.join(pickles)}); moe never unpickles "
+            "(it can run code): convert them to safetensors first, e.g. with transformers' "
+            "save_pretrained"
+        )
     raise FileNotFoundError(f"{directory}: no *.safetensors files")
 
 
-def check(entries: dict[str, Entry], pieces: list[Piece], skipped_layers: range, optional: set[str],
-          family: str) -> None:
+def check(
+    entries: dict[str, Entry], pieces: list[Piece], skipped_layers: range, optional: set[str], family: str
+) -> None:
     """Raise one ValueError naming every missing, unexpected, misshapen or non-float tensor."""
     expected = {p.hf: p.hf_shape for p in pieces}
     missing = sorted(n for n in expected if n not in entries)
@@ -111,19 +117,34 @@ def check(entries: dict[str, Entry], pieces: list[Piece], skipped_layers: range,
             continue
         layer = LAYER.match(name)
         (skipped if layer and int(layer.group(1)) in skipped_layers else unexpected).append(name)
-    misshapen = [f"{n} {list(entries[n].shape)} (expected {list(s)})"
-                 for n, s in expected.items() if n in entries and entries[n].shape != s]
+    misshapen = [
+        f"{n} {list(entries[n].shape)} (expected {list(s)})"
+        for n, s in expected.items()
+        if n in entries and entries[n].shape != s
+    ]
     not_float = [f"{n} ({entries[n].dtype})" for n in expected if n in entries and entries[n].dtype not in FLOAT_DTYPES]
-    problems = [(what, names) for what, names in (("missing", missing), ("unexpected", sorted(unexpected)),
-                                                  ("wrong shape", misshapen), ("not a float dtype", not_float))
-                if names]
+    problems = [
+        (what, names)
+        for what, names in (
+            ("missing", missing),
+            ("unexpected", sorted(unexpected)),
+            ("wrong shape", misshapen),
+            ("not a float dtype", not_float),
+        )
+        if names
+    ]
     if problems:
-        raise ValueError(f"checkpoint does not match its {family} config.json: "
-                         + "; ".join(f"{what}: {_listing(names)}" for what, names in problems))
+        raise ValueError(
+            f"checkpoint does not match its {family} config.json: "
+            + "; ".join(f"{what}: {_listing(names)}" for what, names in problems)
+        )
     if skipped:
         layers = sorted({int(LAYER.match(n).group(1)) for n in skipped})
-        warnings.warn(f"skipping {len(skipped)} tensors of multi-token-prediction layer(s) {layers}: "
-                      "they do not take part in next-token logits", stacklevel=3)
+        warnings.warn(
+            f"skipping {len(skipped)} tensors of multi-token-prediction layer(s) {layers}: "
+            "they do not take part in next-token logits",
+            stacklevel=3,
+        )
 
 
 def _listing(names: list[str], limit: int = 8) -> str:
@@ -131,8 +152,14 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return shown if len(names) <= limit else f"{shown} (+{len(names) - limit} more)"
 
 
-def fill(entries: dict[str, Entry], pieces: list[Piece], shapes: dict[str, torch.Size],
-         dtypes: dict[str, torch.dtype], device: torch.device, progress: bool) -> dict[str, torch.Tensor]:
+def fill(
+    entries: dict[str, Entry],
+    pieces: list[Piece],
+    shapes: dict[str, torch.Size],
+    dtypes: dict[str, torch.dtype],
+    device: torch.device,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
     """Our tensors (name -> tensor), each allocated once and filled from its pieces."""
     by_file: dict[Path, dict[str, list[Piece]]] = defaultdict(lambda: defaultdict(list))
     for p in pieces:

@@ -20,8 +20,9 @@ its pieces. The same list drives both directions, so they cannot drift apart.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ...config import ModelConfig
 from ...model import layer_plan
@@ -33,7 +34,7 @@ EVERYTHING: tuple = ()  # an index that selects the whole tensor
 class Piece:
     hf: str  # tensor name in the checkpoint
     hf_shape: tuple[int, ...]
-    ours: Optional[str]  # name in Transformer.state_dict(); None: written as zeros, never read
+    ours: str | None  # name in Transformer.state_dict(); None: written as zeros, never read
     hf_index: tuple = EVERYTHING
     our_index: tuple = EVERYTHING
     transpose: bool = False  # swap the last two dims: nn.Linear's [out, in] vs our stacked [in, out]
@@ -48,7 +49,7 @@ class Names:
     ffn_norm: str = "post_attention_layernorm"
     moe: str = "mlp"  # the MoE block (Mixtral on disk: block_sparse_moe)
     router: str = "gate.weight"
-    expert_bias: Optional[str] = None  # DeepSeek-V3: gate.e_score_correction_bias; Ling: gate.expert_bias
+    expert_bias: str | None = None  # DeepSeek-V3: gate.e_score_correction_bias; Ling: gate.expert_bias
     expert: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # Mixtral: w1, w3, w2
     stacked: bool = False  # experts as gate_up_proj [E, 2F, D] + down_proj [E, D, F] (transformers v5)
 
@@ -62,8 +63,10 @@ def model_pieces(cfg: ModelConfig, names: Names, attention: AttentionPieces) -> 
     pieces = [Piece(names.embed, (V, D), "embed_tokens.weight")]
     for i, is_moe in enumerate(layer_plan(cfg)):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        pieces += [Piece(hf + names.attn_norm + ".weight", (D,), ours + "attn_norm.weight"),
-                   Piece(hf + names.ffn_norm + ".weight", (D,), ours + "ffn_norm.weight")]
+        pieces += [
+            Piece(hf + names.attn_norm + ".weight", (D,), ours + "attn_norm.weight"),
+            Piece(hf + names.ffn_norm + ".weight", (D,), ours + "ffn_norm.weight"),
+        ]
         pieces += attention(cfg, hf, ours + "attn.")
         if is_moe:
             pieces += moe_pieces(cfg, names, hf + names.moe + ".", ours + "ffn.")
@@ -88,18 +91,23 @@ def norm(hf: str, ours: str, dim: int) -> list[Piece]:
 
 def mlp_pieces(hf: str, ours: str, D: int, F: int) -> list[Piece]:
     """A SwiGLU MLP (dense layer or shared experts): gate_proj, up_proj [F, D], down_proj [D, F]."""
-    return (linear(hf + "gate_proj", ours + "gate_proj", F, D) + linear(hf + "up_proj", ours + "up_proj", F, D)
-            + linear(hf + "down_proj", ours + "down_proj", D, F))
+    return (
+        linear(hf + "gate_proj", ours + "gate_proj", F, D)
+        + linear(hf + "up_proj", ours + "up_proj", F, D)
+        + linear(hf + "down_proj", ours + "down_proj", D, F)
+    )
 
 
 def gqa_pieces(cfg: ModelConfig, hf: str, ours: str) -> list[Piece]:
     """Llama-style attention (Mixtral, Qwen3): self_attn.{q,k,v,o}_proj and per-head q_norm/k_norm."""
     D, H, Hkv, Dh = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
     hf, qkv_bias = hf + "self_attn.", cfg.attention_bias
-    pieces = (linear(hf + "q_proj", ours + "q_proj", H * Dh, D, qkv_bias)
-              + linear(hf + "k_proj", ours + "k_proj", Hkv * Dh, D, qkv_bias)
-              + linear(hf + "v_proj", ours + "v_proj", Hkv * Dh, D, qkv_bias)
-              + linear(hf + "o_proj", ours + "o_proj", D, H * Dh, cfg.attention_out_bias))
+    pieces = (
+        linear(hf + "q_proj", ours + "q_proj", H * Dh, D, qkv_bias)
+        + linear(hf + "k_proj", ours + "k_proj", Hkv * Dh, D, qkv_bias)
+        + linear(hf + "v_proj", ours + "v_proj", Hkv * Dh, D, qkv_bias)
+        + linear(hf + "o_proj", ours + "o_proj", D, H * Dh, cfg.attention_out_bias)
+    )
     if cfg.qk_norm:
         pieces += norm(hf + "q_norm", ours + "q_norm", Dh) + norm(hf + "k_norm", ours + "k_norm", Dh)
     return pieces
@@ -114,16 +122,20 @@ def moe_pieces(cfg: ModelConfig, names: Names, hf: str, ours: str) -> list[Piece
         pieces.append(Piece(hf + names.expert_bias, (E,), ours + "router.expert_bias" if moe.expert_bias else None))
     w_in, w_out = ours + "experts.w_in", ours + "experts.w_out"
     if names.stacked:
-        pieces += [Piece(hf + "experts.gate_up_proj", (E, 2 * F, D), w_in, transpose=True),
-                   Piece(hf + "experts.down_proj", (E, D, F), w_out, transpose=True)]
+        pieces += [
+            Piece(hf + "experts.gate_up_proj", (E, 2 * F, D), w_in, transpose=True),
+            Piece(hf + "experts.down_proj", (E, D, F), w_out, transpose=True),
+        ]
     else:
         gate, up, down = names.expert
         all_ = slice(None)
         for e in range(E):
             x = f"{hf}experts.{e}."
-            pieces += [Piece(x + gate + ".weight", (F, D), w_in, our_index=(e, all_, slice(0, F)), transpose=True),
-                       Piece(x + up + ".weight", (F, D), w_in, our_index=(e, all_, slice(F, 2 * F)), transpose=True),
-                       Piece(x + down + ".weight", (D, F), w_out, our_index=(e,), transpose=True)]
+            pieces += [
+                Piece(x + gate + ".weight", (F, D), w_in, our_index=(e, all_, slice(0, F)), transpose=True),
+                Piece(x + up + ".weight", (F, D), w_in, our_index=(e, all_, slice(F, 2 * F)), transpose=True),
+                Piece(x + down + ".weight", (D, F), w_out, our_index=(e,), transpose=True),
+            ]
     if moe.num_shared_experts:
         pieces += mlp_pieces(hf + "shared_experts.", ours + "shared_experts.", D, moe.shared_size(D))
     return pieces
@@ -149,7 +161,7 @@ def expect(hf: dict, key: str, allowed: tuple, default: Any = None) -> None:
         raise config_error(key, value, f"is not supported (supported: {', '.join(map(repr, allowed))})")
 
 
-def rope_from_hf(hf: dict, default_theta: float) -> tuple[float, Optional[dict]]:
+def rope_from_hf(hf: dict, default_theta: float) -> tuple[float, dict | None]:
     """(rope_theta, YaRN scaling or None) from either transformers v4 keys (rope_theta +
     rope_scaling) or v5 ones (rope_parameters)."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -172,7 +184,7 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
     return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling}
 
 
-def dense_first(plan: list[bool]) -> Optional[int]:
+def dense_first(plan: list[bool]) -> int | None:
     """k if the plan is k dense layers followed by MoE layers only, else None."""
     k = plan.index(True) if True in plan else len(plan)
     return k if all(plan[k:]) else None

@@ -22,17 +22,26 @@ from .spec import Piece
 SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
 
 
-def write_checkpoint(directory: Path, config: dict, state: dict[str, torch.Tensor], pieces: list[Piece],
-                     dtypes: dict[str, torch.dtype], max_shard_bytes: int = SHARD_BYTES,
-                     progress: bool = False) -> list[Path]:
+def write_checkpoint(
+    directory: Path,
+    config: dict,
+    state: dict[str, torch.Tensor],
+    pieces: list[Piece],
+    dtypes: dict[str, torch.dtype],
+    max_shard_bytes: int = SHARD_BYTES,
+    progress: bool = False,
+) -> list[Path]:
     """Write config.json and the shards; `dtypes` gives each checkpoint tensor's dtype. Returns the shards."""
     by_name: dict[str, list[Piece]] = {}
     for p in pieces:
         by_name.setdefault(p.hf, []).append(p)
     sizes = {n: torch.Size(ps[0].hf_shape).numel() * dtypes[n].itemsize for n, ps in by_name.items()}
     shards = _plan_shards(list(by_name), sizes, max_shard_bytes)
-    files = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     directory.mkdir(parents=True, exist_ok=True)
     with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="saving", disable=not progress) as bar:
         for file, names in zip(files, shards):

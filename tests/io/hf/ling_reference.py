@@ -24,16 +24,39 @@ from torch import Tensor
 def config(**overrides) -> dict:
     """A small config.json in the published form (model_type "bailing_moe" + the V2 architecture)."""
     base = {
-        "architectures": ["BailingMoeV2ForCausalLM"], "model_type": "bailing_moe",
-        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "hidden_act": "silu",
-        "use_qkv_bias": False, "use_bias": False, "use_qk_norm": True, "rms_norm_eps": 1e-6,
-        "partial_rotary_factor": 0.5, "rope_theta": 600000.0, "rope_scaling": None,
-        "max_position_embeddings": 64, "num_experts": 8, "num_experts_per_tok": 2, "num_shared_experts": 1,
-        "moe_intermediate_size": 12, "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
-        "routed_scaling_factor": 2.5, "norm_topk_prob": True, "score_function": "sigmoid",
-        "moe_router_enable_expert_bias": True, "router_dtype": "fp32", "num_nextn_predict_layers": 0,
-        "tie_word_embeddings": False, "torch_dtype": "float32",
+        "architectures": ["BailingMoeV2ForCausalLM"],
+        "model_type": "bailing_moe",
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "hidden_act": "silu",
+        "use_qkv_bias": False,
+        "use_bias": False,
+        "use_qk_norm": True,
+        "rms_norm_eps": 1e-6,
+        "partial_rotary_factor": 0.5,
+        "rope_theta": 600000.0,
+        "rope_scaling": None,
+        "max_position_embeddings": 64,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "num_shared_experts": 1,
+        "moe_intermediate_size": 12,
+        "first_k_dense_replace": 1,
+        "n_group": 4,
+        "topk_group": 2,
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+        "score_function": "sigmoid",
+        "moe_router_enable_expert_bias": True,
+        "router_dtype": "fp32",
+        "num_nextn_predict_layers": 0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
     }
     return {**base, **overrides}
 
@@ -51,8 +74,11 @@ def random_weights(cfg: dict, seed: int) -> dict[str, Tensor]:
         return center + 0.1 * torch.randn(n, generator=g)
 
     def mlp(prefix, width):
-        return {f"{prefix}.gate_proj.weight": mat(width, D), f"{prefix}.up_proj.weight": mat(width, D),
-                f"{prefix}.down_proj.weight": mat(D, width)}
+        return {
+            f"{prefix}.gate_proj.weight": mat(width, D),
+            f"{prefix}.up_proj.weight": mat(width, D),
+            f"{prefix}.down_proj.weight": mat(D, width),
+        }
 
     w = {"model.word_embeddings.weight": mat(cfg["vocab_size"], D), "model.norm.weight": vec(D, 1.0)}
     if not cfg["tie_word_embeddings"]:
@@ -81,8 +107,14 @@ def random_weights(cfg: dict, seed: int) -> dict[str, Tensor]:
         if cfg["num_shared_experts"]:
             w.update(mlp(p + "mlp.shared_experts", Fe * cfg["num_shared_experts"]))
         if i >= mtp_start:  # multi-token prediction layer extras
-            w.update({p + "enorm.weight": vec(D, 1.0), p + "hnorm.weight": vec(D, 1.0),
-                      p + "eh_proj.weight": mat(D, 2 * D), p + "final_layernorm.weight": vec(D, 1.0)})
+            w.update(
+                {
+                    p + "enorm.weight": vec(D, 1.0),
+                    p + "hnorm.weight": vec(D, 1.0),
+                    p + "eh_proj.weight": mat(D, 2 * D),
+                    p + "final_layernorm.weight": vec(D, 1.0),
+                }
+            )
     return w
 
 
@@ -93,7 +125,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
 
 
@@ -117,8 +149,9 @@ def attention(cfg: dict, w: dict, p: str, x: Tensor, cos: Tensor, sin: Tensor) -
 
 
 def swiglu(w: dict, p: str, x: Tensor) -> Tensor:
-    return F.linear(F.silu(F.linear(x, w[p + "gate_proj.weight"])) * F.linear(x, w[p + "up_proj.weight"]),
-                    w[p + "down_proj.weight"])
+    return F.linear(
+        F.silu(F.linear(x, w[p + "gate_proj.weight"])) * F.linear(x, w[p + "up_proj.weight"]), w[p + "down_proj.weight"]
+    )
 
 
 def sparse_moe(cfg: dict, w: dict, p: str, x: Tensor) -> Tensor:

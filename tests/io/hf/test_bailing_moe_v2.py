@@ -4,24 +4,45 @@ held to an independent reference forward written from the published description
 
 import json
 
+import ling_reference as ling
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-import ling_reference as ling
 from hf_utils import assert_parity, randomize_
+from safetensors.torch import load_file, save_file
 
 from moe import ModelConfig, MoEConfig, Transformer, layer_plan
 
 HF_SHAPES = {
     "mini-like": ling.config(),
-    "odd-biases-tied": ling.config(vocab_size=71, hidden_size=36, num_attention_heads=3, num_key_value_heads=1,
-                                   head_dim=12, use_qkv_bias=True, use_bias=True, use_qk_norm=False, num_experts=6,
-                                   num_experts_per_tok=3, num_shared_experts=2, n_group=2, topk_group=1,
-                                   first_k_dense_replace=0, num_hidden_layers=2, tie_word_embeddings=True),
-    "top1-mtp-v2-name": ling.config(model_type="bailing_moe_v2", num_experts_per_tok=1, partial_rotary_factor=1.0,
-                                    num_hidden_layers=4, num_nextn_predict_layers=1, first_k_dense_replace=2,
-                                    n_group=1, topk_group=1, rms_norm_eps=1e-5),
+    "odd-biases-tied": ling.config(
+        vocab_size=71,
+        hidden_size=36,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=12,
+        use_qkv_bias=True,
+        use_bias=True,
+        use_qk_norm=False,
+        num_experts=6,
+        num_experts_per_tok=3,
+        num_shared_experts=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=0,
+        num_hidden_layers=2,
+        tie_word_embeddings=True,
+    ),
+    "top1-mtp-v2-name": ling.config(
+        model_type="bailing_moe_v2",
+        num_experts_per_tok=1,
+        partial_rotary_factor=1.0,
+        num_hidden_layers=4,
+        num_nextn_predict_layers=1,
+        first_k_dense_replace=2,
+        n_group=1,
+        topk_group=1,
+        rms_norm_eps=1e-5,
+    ),
 }
 
 
@@ -46,15 +67,42 @@ def test_published_layout_loads_with_the_reference_logits(shape, tmp_path, recwa
 
 OUR_SHAPES = {
     "ling-like": ModelConfig(
-        vocab_size=64, hidden_size=40, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=10, intermediate_size=36,
-        qk_norm=True, rope_fraction=0.4, rope_theta=600000.0, first_k_dense=1,
-        moe=MoEConfig(num_experts=8, top_k=2, expert_ffn_size=12, num_shared_experts=1, score_func="sigmoid",
-                      n_group=4, topk_group=2, routed_scaling_factor=2.5, expert_bias=True, bias_update="zero_mean")),
+        vocab_size=64,
+        hidden_size=40,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=10,
+        intermediate_size=36,
+        qk_norm=True,
+        rope_fraction=0.4,
+        rope_theta=600000.0,
+        first_k_dense=1,
+        moe=MoEConfig(
+            num_experts=8,
+            top_k=2,
+            expert_ffn_size=12,
+            num_shared_experts=1,
+            score_func="sigmoid",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            expert_bias=True,
+            bias_update="zero_mean",
+        ),
+    ),
     "no-bias-buffer-biases": ModelConfig(
-        vocab_size=53, hidden_size=24, num_layers=2, num_heads=2, attention_bias=True, attention_out_bias=True,
+        vocab_size=53,
+        hidden_size=24,
+        num_layers=2,
+        num_heads=2,
+        attention_bias=True,
+        attention_out_bias=True,
         tie_embeddings=True,
-        moe=MoEConfig(num_experts=4, top_k=1, norm_topk_prob=False, expert_ffn_size=20, score_func="sigmoid",
-                      backend="eager")),
+        moe=MoEConfig(
+            num_experts=4, top_k=1, norm_topk_prob=False, expert_ffn_size=20, score_func="sigmoid", backend="eager"
+        ),
+    ),
 }
 
 

@@ -4,19 +4,35 @@ import argparse
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from hf_utils import randomize_
+from safetensors.torch import load_file
 
 from moe import ModelConfig, MoEConfig, Transformer
 from moe.cli import main
-from moe.io.hf import save_hf
 from moe.cli.convert import parse_size
+from moe.io.hf import save_hf
 
-LING_LIKE = ModelConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, qk_norm=True,
-                        rope_fraction=0.5, first_k_dense=1, intermediate_size=20,
-                        moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=8, num_shared_experts=1,
-                                      score_func="sigmoid", n_group=2, topk_group=1, expert_bias=True))
+LING_LIKE = ModelConfig(
+    vocab_size=40,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    qk_norm=True,
+    rope_fraction=0.5,
+    first_k_dense=1,
+    intermediate_size=20,
+    moe=MoEConfig(
+        num_experts=4,
+        top_k=2,
+        expert_ffn_size=8,
+        num_shared_experts=1,
+        score_func="sigmoid",
+        n_group=2,
+        topk_group=1,
+        expert_bias=True,
+    ),
+)
 
 
 def hf_folder(directory):
@@ -27,8 +43,19 @@ def hf_folder(directory):
 
 def test_hf_to_hf_in_bf16_with_shards_and_progress(tmp_path, capsys):
     model = hf_folder(tmp_path / "src")
-    code = main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--to", "hf", "--dtype", "bfloat16",
-                 "--max-shard-size", "20KB"])
+    code = main(
+        [
+            "convert",
+            str(tmp_path / "src"),
+            str(tmp_path / "dst"),
+            "--to",
+            "hf",
+            "--dtype",
+            "bfloat16",
+            "--max-shard-size",
+            "20KB",
+        ]
+    )
     assert code == 0
     out, err = capsys.readouterr()
     assert "wrote" in out and "saving" in err and "loading" in err
@@ -38,8 +65,9 @@ def test_hf_to_hf_in_bf16_with_shards_and_progress(tmp_path, capsys):
     assert tensors["model.word_embeddings.weight"].dtype == torch.bfloat16
     assert tensors["model.layers.1.mlp.gate.expert_bias"].dtype == torch.float32
     loaded = Transformer.from_hf(tmp_path / "dst")
-    torch.testing.assert_close(loaded.layers[1].ffn.experts.w_in, model.layers[1].ffn.experts.w_in.bfloat16(),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        loaded.layers[1].ffn.experts.w_in, model.layers[1].ffn.experts.w_in.bfloat16(), rtol=0, atol=0
+    )
 
 
 def test_hf_to_ours_and_back_is_exact(tmp_path):

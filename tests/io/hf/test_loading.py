@@ -12,20 +12,40 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from hf_utils import randomize_
+from safetensors.torch import load_file, save_file
 
 from moe import ModelConfig, MoEConfig, Transformer
 from moe.io.hf import save_hf
 
-QWEN_LIKE = ModelConfig(vocab_size=40, hidden_size=24, num_layers=2, num_heads=4, num_kv_heads=2, qk_norm=True,
-                        first_k_dense=1, intermediate_size=20, moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=8))
+QWEN_LIKE = ModelConfig(
+    vocab_size=40,
+    hidden_size=24,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    qk_norm=True,
+    first_k_dense=1,
+    intermediate_size=20,
+    moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=8),
+)
 DEEPSEEK_LIKE = ModelConfig(
-    vocab_size=40, hidden_size=24, num_layers=2, num_heads=4, attention="mla", q_lora_rank=8, kv_lora_rank=8,
-    qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, rope_interleave=True, first_k_dense=1,
-    moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=8, num_shared_experts=1, score_func="sigmoid",
-                  expert_bias=True))
+    vocab_size=40,
+    hidden_size=24,
+    num_layers=2,
+    num_heads=4,
+    attention="mla",
+    q_lora_rank=8,
+    kv_lora_rank=8,
+    qk_nope_head_dim=4,
+    qk_rope_head_dim=4,
+    v_head_dim=4,
+    rope_interleave=True,
+    first_k_dense=1,
+    moe=MoEConfig(
+        num_experts=4, top_k=2, expert_ffn_size=8, num_shared_experts=1, score_func="sigmoid", expert_bias=True
+    ),
+)
 
 
 def export(config, directory, seed=0, **kwargs):
@@ -66,10 +86,13 @@ def test_long_lists_are_cut_with_a_count(tmp_path):
         Transformer.from_hf(tmp_path)
 
 
-@pytest.mark.parametrize("model_type, architecture, match", [
-    ("llama", "LlamaForCausalLM", "unsupported model_type 'llama'"),
-    ("bailing_moe", "BailingMoeForCausalLM", "unsupported model_type 'bailing_moe'"),  # Ling 1.0
-])
+@pytest.mark.parametrize(
+    "model_type, architecture, match",
+    [
+        ("llama", "LlamaForCausalLM", "unsupported model_type 'llama'"),
+        ("bailing_moe", "BailingMoeForCausalLM", "unsupported model_type 'bailing_moe'"),  # Ling 1.0
+    ],
+)
 def test_unsupported_families_are_refused_by_name(tmp_path, model_type, architecture, match):
     export(QWEN_LIKE, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -79,12 +102,15 @@ def test_unsupported_families_are_refused_by_name(tmp_path, model_type, architec
         Transformer.from_hf(tmp_path)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (dict(hidden_act="gelu"), "'hidden_act' = 'gelu' is not supported"),
-    (dict(use_sliding_window=True), "'use_sliding_window' = True is not supported"),
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "'rope_scaling.type' = 'llama3'"),
-    (dict(num_experts=None, num_local_experts=None), "lacks required key.*num_experts"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (dict(hidden_act="gelu"), "'hidden_act' = 'gelu' is not supported"),
+        (dict(use_sliding_window=True), "'use_sliding_window' = True is not supported"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "'rope_scaling.type' = 'llama3'"),
+        (dict(num_experts=None, num_local_experts=None), "lacks required key.*num_experts"),
+    ],
+)
 def test_unsupported_config_settings_name_the_key(tmp_path, edit, match):
     export(QWEN_LIKE, tmp_path)
     config = {**json.loads((tmp_path / "config.json").read_text()), **edit}
@@ -189,8 +215,12 @@ def test_mtp_layers_are_skipped_with_a_message_and_other_extra_layers_refused(tm
     config = json.loads((tmp_path / "config.json").read_text())
     config["num_nextn_predict_layers"] = 1
     (tmp_path / "config.json").write_text(json.dumps(config))
-    rewrite(tmp_path, lambda t: t.update({"model.layers.2.eh_proj.weight": torch.zeros(24, 48),
-                                          "model.layers.2.enorm.weight": torch.ones(24)}))
+    rewrite(
+        tmp_path,
+        lambda t: t.update(
+            {"model.layers.2.eh_proj.weight": torch.zeros(24, 48), "model.layers.2.enorm.weight": torch.ones(24)}
+        ),
+    )
     with pytest.warns(UserWarning, match=r"skipping 2 tensors of multi-token-prediction layer\(s\) \[2\]"):
         Transformer.from_hf(tmp_path)
     rewrite(tmp_path, lambda t: t.update({"model.layers.3.enorm.weight": torch.ones(24)}))
@@ -199,13 +229,26 @@ def test_mtp_layers_are_skipped_with_a_message_and_other_extra_layers_refused(tm
         Transformer.from_hf(tmp_path)
 
 
-@pytest.mark.parametrize("family, config, match", [
-    ("mixtral", QWEN_LIKE, "cannot export as mixtral: the model has dense FFN layers"),
-    ("qwen3_moe", DEEPSEEK_LIKE, "cannot export as qwen3_moe: the model has MLA attention"),
-    ("deepseek_v3", QWEN_LIKE, "cannot export as deepseek_v3: the model has grouped-query attention"),
-    (None, ModelConfig(vocab_size=40, hidden_size=24, num_layers=1, num_heads=4, attention_bias=True,
-                       moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=8)), "no Hugging Face family fits"),
-])
+@pytest.mark.parametrize(
+    "family, config, match",
+    [
+        ("mixtral", QWEN_LIKE, "cannot export as mixtral: the model has dense FFN layers"),
+        ("qwen3_moe", DEEPSEEK_LIKE, "cannot export as qwen3_moe: the model has MLA attention"),
+        ("deepseek_v3", QWEN_LIKE, "cannot export as deepseek_v3: the model has grouped-query attention"),
+        (
+            None,
+            ModelConfig(
+                vocab_size=40,
+                hidden_size=24,
+                num_layers=1,
+                num_heads=4,
+                attention_bias=True,
+                moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=8),
+            ),
+            "no Hugging Face family fits",
+        ),
+    ],
+)
 def test_export_refuses_what_the_family_cannot_express(tmp_path, family, config, match):
     with pytest.raises(ValueError, match=match):
         save_hf(Transformer(config), tmp_path, family=family)
@@ -213,8 +256,14 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path, family, config,
 
 
 def test_export_refuses_to_drop_a_nonzero_selection_bias(tmp_path):
-    config = ModelConfig(vocab_size=40, hidden_size=24, num_layers=1, num_heads=4, qk_norm=True,
-                         moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=8, expert_bias=True))
+    config = ModelConfig(
+        vocab_size=40,
+        hidden_size=24,
+        num_layers=1,
+        num_heads=4,
+        qk_norm=True,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=8, expert_bias=True),
+    )
     model = Transformer(config)
     save_hf(model, tmp_path / "zero")  # an all-zero bias changes nothing: exported as qwen3_moe
     model.layers[0].ffn.router.expert_bias[1] = 0.5
@@ -242,8 +291,13 @@ def test_loading_makes_no_second_copy_of_the_weights(tmp_path):
     """A loader that materialises the checkpoint and then copies it into the model peaks at twice
     the weights. Ours allocates each tensor once and maps one shard at a time, so the peak is the
     weights plus about one shard (clean file pages, which the kernel could drop anyway)."""
-    config = ModelConfig(vocab_size=256, hidden_size=512, num_layers=2, num_heads=8,
-                         moe=MoEConfig(num_experts=16, top_k=2, expert_ffn_size=1024))
+    config = ModelConfig(
+        vocab_size=256,
+        hidden_size=512,
+        num_layers=2,
+        num_heads=8,
+        moe=MoEConfig(num_experts=16, top_k=2, expert_ffn_size=1024),
+    )
     save_hf(Transformer(config), tmp_path / "big", max_shard_bytes=40 * 10**6)
     save_hf(Transformer(dataclasses.replace(config, hidden_size=16)), tmp_path / "tiny")
     size = sum(f.stat().st_size for f in (tmp_path / "big").glob("*.safetensors"))
@@ -259,8 +313,14 @@ def test_loading_makes_no_second_copy_of_the_weights(tmp_path):
 
 
 def test_mixtral_sliding_window_is_refused_unless_it_spans_the_context(tmp_path):
-    config = ModelConfig(vocab_size=40, hidden_size=24, num_layers=1, num_heads=4, max_seq_len=128,
-                         moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=8))
+    config = ModelConfig(
+        vocab_size=40,
+        hidden_size=24,
+        num_layers=1,
+        num_heads=4,
+        max_seq_len=128,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=8),
+    )
     export(config, tmp_path)
     hf = json.loads((tmp_path / "config.json").read_text())
     for window, ok in ((128, True), (64, False)):

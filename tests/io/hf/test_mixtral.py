@@ -11,14 +11,40 @@ from hf_utils import assert_parity, hf_logits, randomize_  # noqa: E402
 from moe import ModelConfig, MoEConfig, Transformer  # noqa: E402
 
 HF_SHAPES = {
-    "base": dict(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
-    "odd-top3": dict(vocab_size=97, hidden_size=36, intermediate_size=20, num_hidden_layers=3, num_attention_heads=6,
-                     num_key_value_heads=3, num_local_experts=8, num_experts_per_tok=3, rms_norm_eps=1e-6,
-                     rope_theta=10000.0),
-    "head-dim-tied-top1": dict(vocab_size=50, hidden_size=30, intermediate_size=24, num_hidden_layers=2,
-                               num_attention_heads=3, num_key_value_heads=1, head_dim=16, num_local_experts=6,
-                               num_experts_per_tok=1, tie_word_embeddings=True),
+    "base": dict(
+        vocab_size=64,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "odd-top3": dict(
+        vocab_size=97,
+        hidden_size=36,
+        intermediate_size=20,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        num_local_experts=8,
+        num_experts_per_tok=3,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+    ),
+    "head-dim-tied-top1": dict(
+        vocab_size=50,
+        hidden_size=30,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_local_experts=6,
+        num_experts_per_tok=1,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -34,10 +60,25 @@ def test_hf_checkpoint_loads_with_the_same_logits(shape, tmp_path):
 
 
 OUR_SHAPES = {
-    "base": ModelConfig(vocab_size=64, hidden_size=24, num_layers=2, num_heads=4, num_kv_heads=2, norm_eps=1e-5,
-                        rope_theta=1e6, moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=40)),
-    "odd": ModelConfig(vocab_size=61, hidden_size=45, num_layers=3, num_heads=5, head_dim=12, tie_embeddings=True,
-                       moe=MoEConfig(num_experts=5, top_k=2, expert_ffn_size=28, backend="eager")),
+    "base": ModelConfig(
+        vocab_size=64,
+        hidden_size=24,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        norm_eps=1e-5,
+        rope_theta=1e6,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=40),
+    ),
+    "odd": ModelConfig(
+        vocab_size=61,
+        hidden_size=45,
+        num_layers=3,
+        num_heads=5,
+        head_dim=12,
+        tie_embeddings=True,
+        moe=MoEConfig(num_experts=5, top_k=2, expert_ffn_size=28, backend="eager"),
+    ),
 }
 
 
