@@ -55,18 +55,13 @@ class BatchScope:
 class BatchTotals:
     """What the layer needs to know about the whole batch (device tensors)."""
 
-    counts_KE: Tensor  # [K, E] int64: the batch's assignments of choice k to expert e
-    local_load_E: Tensor  # [E] int64: this process's assignments per expert
-    ahead_KE: Tensor  # [K, E] int64: of those, how many stand ahead of this process's first
-    #                   slot of (k, e) in the capacity queue (0 for a single process)
+    load_E: Tensor  # [E] int64: the batch's assignments per expert, before capacity drops
+    local_load_E: Tensor  # [E] int64: this process's
+    ahead_KE: Tensor  # [K, E] int64: the batch's assignments of choice k to expert e that stand
+    #                   ahead of this process's first such slot in the capacity queue (0 alone)
     tokens: Tensor  # the batch's tokens (float)
     losses: dict[str, Tensor]  # each enabled balancing loss, unweighted, over the batch
     num_tokens: int  # the batch's tokens as a Python int when capacity needs it, else this process's
-
-    @property
-    def load_E(self) -> Tensor:
-        """[E] int64: assignments routed to each expert before capacity drops."""
-        return self.counts_KE.sum(0)
 
 
 def batch_totals(route: Routing, num_sequences: int | None, config: MoEConfig, scope: BatchScope) -> BatchTotals:
@@ -94,5 +89,6 @@ def batch_totals(route: Routing, num_sequences: int | None, config: MoEConfig, s
     # processes' choices k of e. position_in_expert counts this process's own k' < k slots.
     ahead_KE = (batch_KE.cumsum(0) - batch_KE) - (counts_KE.cumsum(0) - counts_KE) + counts_WKE[: scope.rank].sum(0)
     num_tokens = scope.token_count(T, tokens) if config.capacity_factor is not None else T
-    losses = balance.losses_from_sums(sums, batch_KE.sum(0), tokens, sequences, K, config)
-    return BatchTotals(batch_KE, counts_KE.sum(0), ahead_KE, tokens, losses, num_tokens)
+    load_E = batch_KE.sum(0)
+    losses = balance.losses_from_sums(sums, load_E, tokens, sequences, K, config)
+    return BatchTotals(load_E, counts_KE.sum(0), ahead_KE, tokens, losses, num_tokens)
