@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from moe import load_config
-from moe.perf import device_peaks as device_info
+from moe.perf import device_peaks
 from moe.perf.projection import (
     Claim,
     Cluster,
@@ -121,7 +121,7 @@ def test_the_seed_10t_claim_needs_more_than_an_h100_bf16_peak():
     assert claim.low == 40000 * 120 * 24
     lo, _ = implied_tflops_per_gpu(claim, 8e12)
     assert lo == pytest.approx(5e26 / (40000 * 120 * 24 * 3600) / 1e12)
-    assert lo > device_info.datasheet_tflops("h100-sxm", "bf16") == 989.4
+    assert lo > device_peaks.datasheet_tflops("h100-sxm", "bf16") == 989.4
 
 
 @pytest.mark.parametrize(
@@ -165,7 +165,7 @@ def test_every_claim_names_a_shipped_config_and_a_known_device():
     names = {load_config(path).name for path in (CONFIGS / "full").glob("*.yaml")}
     for claim in CLAIMS:
         assert claim.config in names, claim.label
-        assert claim.hardware is None or claim.hardware in device_info.SPECS, claim.label
+        assert claim.hardware is None or claim.hardware in device_peaks.SPECS, claim.label
         assert claim.metric in ("gpu_hours", "tflops_per_gpu", "tokens_per_s_per_gpu")
         assert claim.metric != "gpu_hours" or (claim.tokens or claim.flops), claim.label
         assert claim.high is None or claim.high >= claim.low

@@ -5,8 +5,7 @@ import time
 import pytest
 import torch
 
-from moe.perf import device_peaks as device_info
-from moe.perf import results, timing
+from moe.perf import device_peaks, results, timing
 
 CPU = torch.device("cpu")
 
@@ -69,14 +68,14 @@ def test_cpu_is_labelled_and_has_no_datasheet_peak():
     ],
 )
 def test_datasheet_lookup(name, key, bf16):
-    assert device_info.lookup(name).key == key
-    assert device_info.datasheet_tflops(name, "bf16") == bf16
+    assert device_peaks.lookup(name).key == key
+    assert device_peaks.datasheet_tflops(name, "bf16") == bf16
 
 
 def test_unknown_devices_have_no_datasheet_peak():
-    assert device_info.lookup("AMD EPYC") is None
-    assert device_info.datasheet_tflops("AMD EPYC", "fp32") is None
-    assert device_info.datasheet_tflops("NVIDIA A100", "fp8") is None  # Ampere has no FP8
+    assert device_peaks.lookup("AMD EPYC") is None
+    assert device_peaks.datasheet_tflops("AMD EPYC", "fp32") is None
+    assert device_peaks.datasheet_tflops("NVIDIA A100", "fp8") is None  # Ampere has no FP8
 
 
 def test_save_writes_one_json_per_device_and_bench(tmp_path):
