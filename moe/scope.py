@@ -74,7 +74,10 @@ def batch_totals(route: Routing, num_sequences: int | None, config: MoEConfig, s
     counts_KE = count_ids(k_A * E + route.topk_idx.t().reshape(-1), K * E).view(K, E)
     parts = balance.partial_sums(route, num_sequences, config)
     dtype = route.probs.dtype
-    sizes = torch.tensor([T, num_sequences or 0], dtype=dtype, device=counts_KE.device)
+    # Filled on the device: torch.tensor([...], device="cuda") copies from pageable host memory,
+    # which waits for the stream (a host sync per layer).
+    sizes = torch.full((2,), float(T), dtype=dtype, device=counts_KE.device)
+    sizes[1] = num_sequences or 0
     partial_X = torch.cat([counts_KE.flatten().to(dtype), sizes, *[v.reshape(-1) for v in parts.values()]])
 
     gathered_WX = scope.gather(partial_X)
