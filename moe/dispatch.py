@@ -37,9 +37,7 @@ class DispatchPlan:
     row_token: Tensor  # [R] int64: ... which belongs to token row_token[r]
     slot_row: Tensor  # [A] int64: inverse permutation, slot a sits in row slot_row[a]
     offs: Tensor  # [E] int32: cumulative end row of each expert's kept rows
-    load: Tensor  # [E] int64: assignments routed to each expert, before capacity drops
     kept: Tensor  # [A] bool: slot survives the capacity limit
-    num_tokens: int
 
     @property
     def row_kept(self) -> Tensor:
@@ -66,10 +64,11 @@ def plan_dispatch(
 ) -> DispatchPlan:
     """Sort the T*K assignments by expert, dropping those beyond each expert's capacity.
 
-    queue_offset_KE [K, E] (expert parallelism): how many assignments of other processes
-    stand ahead of this batch's first slot of choice k for expert e in the global queue, so
-    that capacity drops are those of one process holding every rank's tokens. None: this
-    batch is the whole queue.
+    load_E [E]: this process's assignments per expert (their queue positions start at 0).
+    queue_offset_KE [K, E] (moe/scope.py's ahead_KE): how many assignments of other processes
+    stand ahead of this process's first slot of choice k for expert e in the batch's queue, so
+    that capacity drops are those of one process holding every process's tokens. None: these
+    tokens are the whole queue.
     """
     T, K = topk_idx_TK.shape
     num_experts = load_E.numel()
@@ -89,7 +88,7 @@ def plan_dispatch(
     slot_row[row_slot] = torch.arange(row_slot.numel(), device=row_slot.device)
     kept_load_E = count_ids(key_A, num_experts + 1)[:num_experts]
     offs = torch.cumsum(kept_load_E, 0).to(torch.int32)
-    return DispatchPlan(row_slot, row_slot % T, slot_row, offs, load_E, kept_A, T)
+    return DispatchPlan(row_slot, row_slot % T, slot_row, offs, kept_A)
 
 
 def position_in_expert(expert_A: Tensor, load_E: Tensor) -> Tensor:

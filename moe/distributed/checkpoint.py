@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
-from ..io.checkpoint import TRAINER_FILE, begin_checkpoint, checkpoint_folders, commit_checkpoint
-from ..io.files import checked_bytes, read_json, sha256, write_atomic
+from ..io.checkpoint import begin_checkpoint, checkpoint_folders, commit_checkpoint
+from ..io.files import TRAINER_FILE, checked_bytes, read_json, sha256, write_atomic
 from ..io.sharded import Slice, decode, encode, file_names
 from .mesh import ParallelContext
 from .parallelize import expert_rows

@@ -39,14 +39,13 @@ from torch import Tensor, nn
 
 from ..config import config_from_dict
 from ..model import Transformer
-from .files import checked_bytes, fsync_dir, read_json, read_safetensors, sha256, write_atomic
+from .files import TRAINER_FILE, checked_bytes, fsync_dir, read_json, read_safetensors, sha256, write_atomic
 from .sharded import read_full_model
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
-TRAINER_FILE = "trainer.json"
 MAX_SHARD_BYTES = 2 * 1024**3
 _STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -114,9 +113,14 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_bytes: in
         }
         written.append(directory / INDEX_FILE)
         write_atomic(written[-1], json.dumps(index, indent=2).encode())
-    write_atomic(directory / CONFIG_FILE, json.dumps(model.config.to_dict(), indent=2).encode())
+    write_atomic(directory / CONFIG_FILE, config_bytes(model))
     for path in stale - set(written):
         path.unlink(missing_ok=True)
+
+
+def config_bytes(model: nn.Module) -> bytes:
+    """config.json's contents: the model's ModelConfig."""
+    return json.dumps(model.config.to_dict(), indent=2).encode()
 
 
 def read_model_tensors(directory: Path) -> dict[str, Tensor]:
@@ -230,7 +234,7 @@ def commit_checkpoint(
     """Write config.json and trainer.json (with the sha256 of every file) into tmp, rename it to
     final (the commit point: before it the folder is step_X.tmp, after it step_X), then prune
     all but the newest keep_last checkpoints. Called once, after every file of tmp is written."""
-    config = json.dumps(model.config.to_dict(), indent=2).encode()
+    config = config_bytes(model)
     write_atomic(tmp / CONFIG_FILE, config)
     state = {**trainer_state, "sha256": {**sha, CONFIG_FILE: sha256(config)}}
     write_atomic(tmp / TRAINER_FILE, json.dumps(state, indent=2).encode())

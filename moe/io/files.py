@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from torch import Tensor
 
-CHECKSUMS_FILE = "trainer.json"  # where a training checkpoint records its files' sha256
+TRAINER_FILE = "trainer.json"  # a training checkpoint's state, with the sha256 of its other files
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -73,5 +73,5 @@ def checked_bytes(directory: Path, name: str, trainer_state: dict[str, Any]) -> 
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     data = path.read_bytes()
     if sha256(data) != trainer_state.get("sha256", {}).get(name):
-        raise ValueError(f"{path}: contents differ from the checksum in {CHECKSUMS_FILE} (truncated or corrupt)")
+        raise ValueError(f"{path}: contents differ from the checksum in {TRAINER_FILE} (truncated or corrupt)")
     return data

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .files import CHECKSUMS_FILE, checked_bytes, read_json, read_safetensors
+from .files import TRAINER_FILE, checked_bytes, read_json, read_safetensors
 
 Slice = tuple[Tensor, list[int], "int | None"]  # (this rank's tensor, full shape, first row or None)
 
@@ -60,7 +60,7 @@ def decode(path: Path, data: bytes) -> tuple[dict[str, Tensor], dict[str, Any]]:
 def read_full_model(directory: str | Path) -> dict[str, Tensor]:
     """Full weights of a sharded checkpoint, assembled in this process from every rank's file."""
     directory = Path(directory)
-    state = read_json(directory / CHECKSUMS_FILE)
+    state = read_json(directory / TRAINER_FILE)
     world = state["parallel"]["world"]
     pieces: dict[str, list[tuple[int, Tensor]]] = {}
     shapes: dict[str, list[int]] = {}

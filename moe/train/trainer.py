@@ -24,11 +24,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..config import ModelConfig
+from ..distributed.mesh import under_torchrun
 from ..io import checkpoint
 from ..io.files import write_atomic
 from . import metrics
 from .args import TrainArgs
 from .data import BatchSampler, TokenView, check_vocab, eval_batches, load_corpus, split_ranges
+from .distributed_runtime import Distributed
 from .run_folder import clear_run_dir, locate_run, rng_state, set_rng_state
 from .runtime import Runtime, SingleProcess
 from .step import build_model, build_optimizer, lr_at, moe_stats, train_step
@@ -57,12 +59,7 @@ def run(config: ModelConfig, args: TrainArgs) -> dict[str, Any]:
 
 def make_runtime(args: TrainArgs) -> Runtime:
     """Distributed when torchrun launched this process, else SingleProcess."""
-    # Imported here: moe.distributed brings FSDP, about a second that one process does not need.
-    from ..distributed.mesh import under_torchrun
-
     if under_torchrun():
-        from .distributed_runtime import Distributed
-
         return Distributed(args)
     return SingleProcess(args)
 
