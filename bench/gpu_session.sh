@@ -58,7 +58,7 @@ full)
   ;;
 tune)  # tune KINDS (default: every kind) in place, keep the table, then time the quick shapes with it
   step tune "${TUNE_LIMIT:-330}" $py bench/grouped_gemm.py --tune ${TUNE_KINDS:-} --commit "$COMMIT"
-  cp kernels/gemm_configs.json "$dir/gemm_configs.json"
+  cp moe_kernels/gemm_configs.json "$dir/gemm_configs.json"
   step grouped_gemm 130 $py bench/grouped_gemm.py --quick --commit "$COMMIT" --out "$dir/results"
   ;;
 esac

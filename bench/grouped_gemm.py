@@ -10,12 +10,12 @@ with balanced or Zipf-skewed expert loads:
 
   grouped_mm   up projection [M, d] x [E, d, 2f] and down projection [M, f] x [E, f, d],
                forward and backward (dA + dB), four implementations:
-                 triton       kernels.grouped_mm
+                 triton       moe_kernels.grouped_mm
                  torch        torch.nn.functional.grouped_mm
                  eager_loop   one torch.mm per non-empty expert (host-known counts)
                  dense_mm     one torch.mm of the same FLOPs: the ceiling
   expert_ffn   swiglu FFN with top-8 gather/scatter, forward and backward:
-                 triton       kernels.expert_ffn (permute fused into the GEMMs)
+                 triton       moe_kernels.expert_ffn (permute fused into the GEMMs)
                  torch        gather, F.grouped_mm, silu * up, F.grouped_mm, scatter
 
 Before timing, each case checks bf16 results (forward and every gradient) against
@@ -111,7 +111,7 @@ def eager_loop(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Ten
     return torch.cat(parts)
 
 
-def grouped_mm_case(kernels, model: str, proj: str, experts: int, rows: int, routing: str) -> list[dict]:
+def grouped_mm_case(moe_kernels, model: str, proj: str, experts: int, rows: int, routing: str) -> list[dict]:
     d, f = MODELS[model]["d"], MODELS[model]["f"]
     k, n = (d, 2 * f) if proj == "up" else (f, d)
     counts = group_counts(rows, experts, routing)
@@ -130,7 +130,7 @@ def grouped_mm_case(kernels, model: str, proj: str, experts: int, rows: int, rou
 
     # name -> (product of a and a weight, which weight: 1 = b [E, K, N], 2 = dense_w [K, N])
     impls = {
-        "triton": (lambda a, w: kernels.grouped_mm(a, w, offs), 1),
+        "triton": (lambda a, w: moe_kernels.grouped_mm(a, w, offs), 1),
         "torch": (lambda a, w: F.grouped_mm(a, w, offs=offs), 1),
         "eager_loop": (lambda a, w: eager_loop(a, w, counts), 1),
         "dense_mm": (lambda a, w: a @ w, 2),
@@ -139,8 +139,8 @@ def grouped_mm_case(kernels, model: str, proj: str, experts: int, rows: int, rou
     a, b, _, dy = copies[0]
     with torch.no_grad():
         a32, b32, dy32 = a.float(), b.float(), dy.float()
-        ref = kernels.grouped_mm_reference(a32, b32, offs)
-        da_ref = kernels.grouped_mm_reference(dy32, b32.transpose(1, 2), offs)
+        ref = moe_kernels.grouped_mm_reference(a32, b32, offs)
+        da_ref = moe_kernels.grouped_mm_reference(dy32, b32.transpose(1, 2), offs)
         db_ref = torch.stack([a32[s:e].T @ dy32[s:e] for s, e in zip([0, *offs.tolist()[:-1]], offs.tolist())])
         del a32, b32, dy32
     copies += [inputs() for _ in range(copies_for(a.nbytes + b.nbytes + 2 * dy.nbytes) - 1)]
@@ -179,7 +179,7 @@ def torch_expert_ffn(x, w_in, w_out, offs, row_token, row_slot, num_slots):
     return x.new_zeros(num_slots, x.shape[1]).index_copy(0, row_slot, y_rows)  # scatter
 
 
-def expert_ffn_case(kernels, model: str, experts: int, rows: int, routing: str) -> list[dict]:
+def expert_ffn_case(moe_kernels, model: str, experts: int, rows: int, routing: str) -> list[dict]:
     d, f = MODELS[model]["d"], MODELS[model]["f"]
     counts = group_counts(rows, experts, routing)
     offs = offsets(counts)
@@ -199,11 +199,11 @@ def expert_ffn_case(kernels, model: str, experts: int, rows: int, routing: str) 
         return x, w_in, w_out
 
     args = (offs, row_token, row_slot, rows)
-    impls = {"triton": kernels.expert_ffn, "torch": torch_expert_ffn}
+    impls = {"triton": moe_kernels.expert_ffn, "torch": torch_expert_ffn}
     x, w_in, w_out = inputs()
     dy = torch.randn(rows, d, device=DEVICE, dtype=DTYPE)
     leaves = [t.detach().float().requires_grad_(True) for t in (x, w_in, w_out)]
-    ref = kernels.expert_ffn_reference(*leaves, *args)
+    ref = moe_kernels.expert_ffn_reference(*leaves, *args)
     ref_grads = torch.autograd.grad(ref, leaves, dy.float())
     checks = {}
     for name, fn in impls.items():
@@ -286,7 +286,7 @@ def parse_args(argv=None):
     parser.add_argument("--op", choices=("grouped_mm", "expert_ffn"), action="append", help="only these ops")
     parser.add_argument("--commit", help="commit to record when the checkout has no .git")
     parser.add_argument("--out", type=Path, help="results directory (default bench/results/<gpu-slug>)")
-    parser.add_argument("--tune", action="store_true", help="sweep tile configs and rewrite kernels/gemm_configs.json")
+    parser.add_argument("--tune", action="store_true", help="sweep tile configs; rewrite moe_kernels/gemm_configs.json")
     parser.add_argument(
         "--tune-kind", action="append", choices=("rows", "swiglu_up", "dw"), help="with --tune: only these kernel kinds"
     )
@@ -294,7 +294,7 @@ def parse_args(argv=None):
         "--table",
         type=Path,
         help="with --tune: where to write the table "
-        "(default kernels/gemm_configs.json; on a remote GPU machine, a path under $OUT)",
+        "(default moe_kernels/gemm_configs.json; on a remote GPU machine, a path under $OUT)",
     )
     return parser.parse_args(argv)
 
@@ -302,8 +302,8 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     refuse_without_gpu()
-    import kernels
-    from kernels.tuning import device_slug
+    import moe_kernels
+    from moe_kernels.tuning import device_slug
 
     if args.tune:
         from grouped_gemm_tune import tune_and_write
@@ -325,7 +325,7 @@ def main(argv=None) -> None:
         cases += [(expert_ffn_case, (e, m, routing))] if "expert_ffn" in ops else []
         for run_case, case_args in cases:
             try:
-                rows_done = run_case(kernels, model, *case_args)
+                rows_done = run_case(moe_kernels, model, *case_args)
             except torch.cuda.OutOfMemoryError:
                 rows_done = [
                     {

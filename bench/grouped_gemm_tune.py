@@ -1,7 +1,7 @@
 """Tile-config sweep for the GEMM kernels: `python bench/grouped_gemm.py --tune`.
 
 Shapes: M = routed rows, E = experts (8), d = 8192, f = 2048 (Ling-1T's expert
-shapes), n_in = 2f; rows per expert pick the shape class (see kernels/tuning.py):
+shapes), n_in = 2f; rows per expert pick the shape class (see moe_kernels/tuning.py):
 decode 16, small 128, large 4096.
 
 For each bf16 (16-bit) shape class of each kernel kind, every candidate config
@@ -28,10 +28,10 @@ import torch
 import triton
 import triton.testing
 
-from kernels.ffn_kernels import launch_up
-from kernels.gemm_dw import launch_dw
-from kernels.gemm_rows import launch_rows
-from kernels.tuning import TABLE_PATH, device_family, dump_table, get_config, load_table
+from moe_kernels.ffn_kernels import launch_up
+from moe_kernels.gemm_dw import launch_dw
+from moe_kernels.gemm_rows import launch_rows
+from moe_kernels.tuning import TABLE_PATH, device_family, dump_table, get_config, load_table
 
 D, F, E = 8192, 2048, 8
 DEVICE, DTYPE = "cuda", torch.bfloat16
@@ -119,7 +119,7 @@ def tune_class(kind: str, cls: str) -> tuple[dict, float]:
 
 
 def tune_and_write(kinds: list[str] | None, commit: str, out_path: Path = TABLE_PATH) -> None:
-    """Tune, then write the table (kernels/gemm_configs.json with this GPU's section replaced) to out_path.
+    """Tune, then write the table (moe_kernels/gemm_configs.json with this GPU's section replaced) to out_path.
 
     The table is rewritten after every shape class, so a sweep stopped by a time limit keeps its winners."""
     section = device_family(torch.cuda.get_device_name(0))

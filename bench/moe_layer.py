@@ -6,7 +6,7 @@ R = T*K routed rows.
 Where bench/grouped_gemm.py times single GEMMs, this times what a training step pays for
 one MoE layer of one GPU: router, dispatch, both expert GEMMs with the activation, combine
 and the shared expert, on the "torch" backend (F.grouped_mm with materialised permutes),
-the "triton" backend (kernels.expert_ffn, gather/scatter fused into the GEMMs) and the
+the "triton" backend (moe_kernels.expert_ffn, gather/scatter fused into the GEMMs) and the
 "eager" loop. Per-GPU expert shapes of Ling-1T (d 8192) and DeepSeek-V3 (d 7168), expert
 FFN 2048, 8 to 64 local experts, top-8, 4K to 64K routed rows, balanced or skewed routing
 (the router's selection bias is set so that expert loads follow a Zipf law).

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .shipped_configs import resolve_config
+
 ScoreFunc = Literal["softmax", "sigmoid"]
 BiasUpdate = Literal["sign", "zero_mean"]
 CapacityMode = Literal["static", "dynamic"]
@@ -261,10 +263,11 @@ def _check_rope_scaling(scaling: dict) -> None:
 
 
 def load_config(path: str | Path) -> ModelConfig:
-    """Read a YAML or JSON model config strictly into a `ModelConfig`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    """Read a YAML or JSON model config strictly into a `ModelConfig`.
+
+    `path` is a file or the name of a shipped config ("tiny", "deepseek-v3"; `moe configs` lists them).
+    """
+    path = resolve_config(path)
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)

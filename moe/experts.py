@@ -10,10 +10,10 @@ Weights are stacked in the [E, in, out] layout grouped GEMMs take directly:
 
 Backends (MoEConfig.backend), all computing the same function:
 - "eager":  a Python loop of plain matmuls over experts, the readable reference
-            (kernels.grouped_mm_reference, the one eager twin of every grouped GEMM). It
+            (moe_kernels.grouped_mm_reference, the one eager twin of every grouped GEMM). It
             reads the offsets on the host (one sync per layer, by design).
 - "torch":  torch.nn.functional.grouped_mm, one kernel per GEMM, no host sync.
-- "triton": kernels.expert_ffn, gather fused into the first GEMM's loads and scatter into
+- "triton": moe_kernels.expert_ffn, gather fused into the first GEMM's loads and scatter into
             the second GEMM's stores (`fused`, which the local dispatcher calls). Falls back
             to "torch" (one warning) where Triton cannot run: no triton, or CPU tensors
             without TRITON_INTERPRET=1. Behind another dispatcher the rows arrive already
@@ -67,10 +67,10 @@ class Experts(nn.Module):
         inside the GEMMs; None where this backend has no fused path (or Triton cannot run)."""
         if self.backend != "triton":
             return None
-        kernels = _triton_kernels(x_TD)
-        if kernels is None:
+        moe_kernels = _triton_kernels(x_TD)
+        if moe_kernels is None:
             return None
-        return kernels.expert_ffn(
+        return moe_kernels.expert_ffn(
             x_TD,
             self.w_in,
             self.w_out,
@@ -92,9 +92,9 @@ def activate(h: Tensor, activation: str) -> Tensor:
 def eager_grouped_mm(a_RK: Tensor, b_EKN: Tensor, offs: Tensor) -> Tensor:
     """The reference: one matmul per expert over its rows; rows past offs[-1] are zeros.
 
-    kernels.reference holds the loop (the kernels' tests hold their Triton code to it); it is
+    moe_kernels.reference holds the loop (the kernels' tests hold their Triton code to it); it is
     imported on first use because importing the kernels package imports triton (~0.2 s)."""
-    from kernels.reference import grouped_mm_reference
+    from moe_kernels.reference import grouped_mm_reference
 
     return grouped_mm_reference(a_RK, b_EKN, offs)
 
@@ -164,9 +164,9 @@ def _triton_kernels(x: Tensor):
     if reason:
         _warn_once(f"backend 'triton' unavailable ({reason}); using 'torch'")
         return None
-    import kernels
+    import moe_kernels
 
-    return kernels
+    return moe_kernels
 
 
 @torch.compiler.assume_constant_result
@@ -176,10 +176,10 @@ def _triton_unavailable(device: torch.device, dtype: torch.dtype) -> str:
     torch.compile takes the answer as a constant instead of tracing the checks (device queries,
     isinstance on kernel objects) that Dynamo cannot follow."""
     try:
-        import kernels
+        import moe_kernels
     except ImportError as e:
         return str(e)
-    ok, reason = kernels.triton_available(device, dtype)
+    ok, reason = moe_kernels.triton_available(device, dtype)
     return "" if ok else reason
 
 

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 FOLDER_MARKS = {
     TESTS / "distributed": ("distributed", "slow"),  # each test spawns a process group on gloo
     TESTS / "kernels": ("kernels",),
+    TESTS / "hostile": ("hostile",),  # the adversarial suite (docs/reliability.md)
 }
 
 

@@ -128,9 +128,9 @@ def test_bf16_layer_is_close_to_fp32():
 def test_triton_backend_falls_back_with_a_warning_where_it_cannot_run(monkeypatch):
     # Whether Triton can run is the kernels package's call (tested in tests/kernels); here:
     # when it says no, the layer warns and computes the same function on the torch backend.
-    import kernels
+    import moe_kernels
 
-    monkeypatch.setattr(kernels, "triton_available", lambda *args: (False, "no GPU and no interpreter"))
+    monkeypatch.setattr(moe_kernels, "triton_available", lambda *args: (False, "no GPU and no interpreter"))
     torch.manual_seed(0)
     cfg = dict(num_experts=4, top_k=2)
     ref_layer = MoE(MoEConfig(backend="torch", **cfg), 16)

@@ -1,4 +1,4 @@
-"""kernels.expert_ffn (fused gather/scatter) against kernels.expert_ffn_reference in float64.
+"""moe_kernels.expert_ffn (fused gather/scatter) against moe_kernels.expert_ffn_reference in float64.
 
 Shapes: T = tokens, d = model dim, f = expert hidden dim, E = experts, K = top-k,
         R = permuted rows = T * K.
@@ -8,7 +8,7 @@ import pytest
 import torch
 from kernel_testing import DEVICE, DTYPES, assert_close, double_leaf
 
-import kernels
+import moe_kernels
 
 
 def routing(t, k, e, n_dropped, seed, empty_expert=None):
@@ -42,12 +42,12 @@ def weights(t, d, f, e, activation, dtype, seed):
 
 
 def check_against_reference(x, w_in, w_out, offs, row_token, row_slot, num_slots, activation, dtype, seed):
-    y = kernels.expert_ffn(x, w_in, w_out, offs, row_token, row_slot, num_slots, activation)
+    y = moe_kernels.expert_ffn(x, w_in, w_out, offs, row_token, row_slot, num_slots, activation)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
     grads = torch.autograd.grad(y, (x, w_in, w_out), dy)
 
     leaves = [double_leaf(w) for w in (x, w_in, w_out)]
-    ref = kernels.expert_ffn_reference(*leaves, offs, row_token, row_slot, num_slots, activation)
+    ref = moe_kernels.expert_ffn_reference(*leaves, offs, row_token, row_slot, num_slots, activation)
     ref_grads = torch.autograd.grad(ref, leaves, dy.double())
     assert_close(y, ref, dtype, "y")
     for name, grad, ref_grad in zip(("dx", "dw_in", "dw_out"), grads, ref_grads):
@@ -93,7 +93,7 @@ def test_no_rows():
     x, w_in, w_out = weights(t, d, f, e, "swiglu", torch.float32, seed=9)
     empty = torch.empty(0, dtype=torch.int64, device=DEVICE)
     offs = torch.zeros(e, dtype=torch.int32, device=DEVICE)
-    y = kernels.expert_ffn(x, w_in, w_out, offs, empty, empty, 4)
+    y = moe_kernels.expert_ffn(x, w_in, w_out, offs, empty, empty, 4)
     assert torch.equal(y, torch.zeros(4, d, device=DEVICE))
     for grad in torch.autograd.grad(y.sum(), (x, w_in, w_out)):
         assert torch.equal(grad, torch.zeros_like(grad))
@@ -104,9 +104,11 @@ def test_inference_matches_and_saves_no_preactivation():
     offs, row_token, row_slot = routing(t, k, e, n_dropped=1, seed=10)
     x, w_in, w_out = weights(t, d, f, e, "swiglu", torch.float32, seed=11)
     with torch.no_grad():
-        y = kernels.expert_ffn(x, w_in, w_out, offs, row_token, row_slot, t * k)
+        y = moe_kernels.expert_ffn(x, w_in, w_out, offs, row_token, row_slot, t * k)
         _, z = torch.ops.moe_kernels.expert_ffn(x, w_in, w_out, offs, row_token, row_slot, t * k, "swiglu", False)
-        ref = kernels.expert_ffn_reference(x.double(), w_in.double(), w_out.double(), offs, row_token, row_slot, t * k)
+        ref = moe_kernels.expert_ffn_reference(
+            x.double(), w_in.double(), w_out.double(), offs, row_token, row_slot, t * k
+        )
     assert not y.requires_grad
     assert z.shape == (0, 2 * f)
     assert_close(y, ref, torch.float32, "y")
@@ -119,7 +121,7 @@ def test_backward_is_deterministic():
     x, w_in, w_out = weights(t, d, f, e, "swiglu", torch.float32, seed=13)
     runs = []
     for _ in range(2):
-        y = kernels.expert_ffn(x, w_in, w_out, offs, row_token, row_slot, t * k)
+        y = moe_kernels.expert_ffn(x, w_in, w_out, offs, row_token, row_slot, t * k)
         runs.append(torch.autograd.grad(y.square().sum(), (x, w_in, w_out)))
     for first, second in zip(*runs):
         assert torch.equal(first, second)

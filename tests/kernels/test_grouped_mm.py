@@ -1,4 +1,4 @@
-"""kernels.grouped_mm against a float64 per-group loop and torch.nn.functional.grouped_mm.
+"""moe_kernels.grouped_mm against a float64 per-group loop and torch.nn.functional.grouped_mm.
 
 Shapes: M = rows, K = in dim, N = out dim, G = groups.
 """
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from kernel_testing import DEVICE, DTYPES, assert_close, double_leaf, offsets
 
-import kernels
+import moe_kernels
 
 # name: (M, K, N, group sizes); rows past sum(sizes) belong to no group
 CASES = {
@@ -44,11 +44,11 @@ def test_forward_and_gradients(case, dtype):
     used = offs[-1].item()
     a, b, dy = _inputs(m, k, n, len(sizes), dtype, seed=list(CASES).index(case))
 
-    out = kernels.grouped_mm(a, b, offs)
+    out = moe_kernels.grouped_mm(a, b, offs)
     da, db = torch.autograd.grad(out, (a, b), dy)
 
     a64, b64 = double_leaf(a), double_leaf(b)
-    ref = kernels.grouped_mm_reference(a64, b64, offs)
+    ref = moe_kernels.grouped_mm_reference(a64, b64, offs)
     da_ref, db_ref = torch.autograd.grad(ref, (a64, b64), dy.double())
     assert_close(out, ref, dtype, "out")
     assert_close(da, da_ref, dtype, "da")
@@ -71,7 +71,7 @@ def test_forward_and_gradients(case, dtype):
 
 def test_zero_rows():
     a, b, _ = _inputs(0, 16, 24, 3, torch.float32, seed=1)
-    out = kernels.grouped_mm(a, b, offsets([0, 0, 0]))
+    out = moe_kernels.grouped_mm(a, b, offsets([0, 0, 0]))
     assert out.shape == (0, 24)
     da, db = torch.autograd.grad(out.sum(), (a, b))
     assert da.shape == (0, 16)
@@ -86,10 +86,10 @@ def test_column_major_b_and_expanded_grad():
     b_nk = torch.randn(len(sizes), n, k, generator=gen).to(DEVICE)
     b = b_nk.transpose(1, 2).requires_grad_(True)  # [G, K, N] with stride 1 along K
     offs = offsets(sizes)
-    out = kernels.grouped_mm(a, b, offs)
+    out = moe_kernels.grouped_mm(a, b, offs)
     da, db = torch.autograd.grad(out.sum(), (a, b))
     a64, b64 = double_leaf(a), double_leaf(b)
-    ref = kernels.grouped_mm_reference(a64, b64, offs)
+    ref = moe_kernels.grouped_mm_reference(a64, b64, offs)
     da_ref, db_ref = torch.autograd.grad(ref.sum(), (a64, b64))
     assert_close(out, ref, torch.float32, "out")
     assert_close(da, da_ref, torch.float32, "da")

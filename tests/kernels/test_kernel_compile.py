@@ -8,17 +8,17 @@ import pytest
 import torch
 from kernel_testing import DEVICE
 
-import kernels
+import moe_kernels
 
 
 def _layer(x, w_in, w_out, offs, row_token, row_slot, topk_w, w_proj):
     """A miniature MoE block: fused expert FFN, routing weights, sum over top-k,
     then a one-group grouped_mm as an output projection."""
     t, k = topk_w.shape
-    y = kernels.expert_ffn(x, w_in, w_out, offs, row_token, row_slot, t * k)
+    y = moe_kernels.expert_ffn(x, w_in, w_out, offs, row_token, row_slot, t * k)
     y = (y.view(t, k, -1) * topk_w[..., None]).sum(1)
     one_group = torch.full((1,), t, dtype=torch.int32, device=x.device)
-    return kernels.grouped_mm(y, w_proj, one_group)
+    return moe_kernels.grouped_mm(y, w_proj, one_group)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 import torch
 from kernel_testing import DEVICE
 
-import kernels
+import moe_kernels
 
 
 def _gmm_args(m=8, k=16, n=8, g=2):
@@ -40,7 +40,7 @@ def _gmm_args(m=8, k=16, n=8, g=2):
 )
 def test_grouped_mm_rejects(change, error, words):
     with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
-        kernels.grouped_mm(*change(*_gmm_args()))
+        moe_kernels.grouped_mm(*change(*_gmm_args()))
 
 
 def _ffn_args(activation="swiglu"):
@@ -75,32 +75,32 @@ def test_expert_ffn_rejects(change, error, words):
     args = _ffn_args()
     args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
     with pytest.raises(error, match=words):
-        kernels.expert_ffn(**args)
+        moe_kernels.expert_ffn(**args)
 
 
 def test_value_checks_need_an_explicit_call():
     """Monotonicity and ranges cost a host sync, so they are a separate, explicit call."""
     with pytest.raises(ValueError, match="non-decreasing"):
-        kernels.check_offs(torch.tensor([3, 2, 8], dtype=torch.int32), 8)
+        moe_kernels.check_offs(torch.tensor([3, 2, 8], dtype=torch.int32), 8)
     with pytest.raises(ValueError, match=r"lie in \[0, 8\]"):
-        kernels.check_offs(torch.tensor([3, 9], dtype=torch.int32), 8)
-    kernels.check_offs(torch.tensor([0, 0, 8], dtype=torch.int32), 8)
+        moe_kernels.check_offs(torch.tensor([3, 9], dtype=torch.int32), 8)
+    moe_kernels.check_offs(torch.tensor([0, 0, 8], dtype=torch.int32), 8)
     args = _ffn_args()
     with pytest.raises(ValueError, match="must not repeat a slot"):
-        kernels.check_routing(args["offs"], args["row_token"], torch.tensor([0, 1, 1, 2]), 4, 4)
+        moe_kernels.check_routing(args["offs"], args["row_token"], torch.tensor([0, 1, 1, 2]), 4, 4)
     with pytest.raises(ValueError, match="row_token must lie in"):
-        kernels.check_routing(args["offs"], torch.tensor([0, 1, 2, 4]), args["row_slot"], 4, 4)
-    kernels.check_routing(args["offs"], args["row_token"], args["row_slot"], 4, 4)
+        moe_kernels.check_routing(args["offs"], torch.tensor([0, 1, 2, 4]), args["row_slot"], 4, 4)
+    moe_kernels.check_routing(args["offs"], args["row_token"], args["row_slot"], 4, 4)
 
 
 def test_availability_report():
-    ok, reason = kernels.triton_available("cpu", torch.bfloat16)
+    ok, reason = moe_kernels.triton_available("cpu", torch.bfloat16)
     # on CPU the interpreter is on and bf16 is what it lacks; on a GPU machine the interpreter is off
-    from kernels.runtime import interpreting
+    from moe_kernels.runtime import interpreting
 
     missing = "bfloat16" if interpreting() else "TRITON_INTERPRET"
     assert (ok, missing in reason) == (False, True), reason
-    ok, reason = kernels.triton_available(DEVICE, torch.float32)
+    ok, reason = moe_kernels.triton_available(DEVICE, torch.float32)
     assert ok, reason
 
 
@@ -113,13 +113,13 @@ def _run_python(code: str, env: dict) -> subprocess.CompletedProcess:
 def test_without_triton_the_references_still_work():
     code = (
         "import sys; sys.modules['triton'] = None  # as if triton were not installed\n"
-        "import torch, kernels\n"
-        "ok, reason = kernels.triton_available()\n"
+        "import torch, moe_kernels\n"
+        "ok, reason = moe_kernels.triton_available()\n"
         "assert not ok and 'triton is not importable' in reason, reason\n"
         "a, b, offs = torch.randn(4, 8), torch.randn(1, 8, 8), torch.tensor([4], dtype=torch.int32)\n"
-        "assert kernels.grouped_mm_reference(a, b, offs).shape == (4, 8)\n"
+        "assert moe_kernels.grouped_mm_reference(a, b, offs).shape == (4, 8)\n"
         "try:\n"
-        "    kernels.grouped_mm(a, b, offs)\n"
+        "    moe_kernels.grouped_mm(a, b, offs)\n"
         "except RuntimeError as err:\n"
         "    assert 'need triton' in str(err), err\n"
         "else:\n"
@@ -133,12 +133,12 @@ def test_without_triton_the_references_still_work():
 def test_cpu_without_interpreter_refuses_clearly():
     """Without TRITON_INTERPRET the kernels are compiled for GPUs: CPU tensors are refused with the fix."""
     code = (
-        "import torch, kernels\n"
-        "ok, reason = kernels.triton_available('cpu')\n"
+        "import torch, moe_kernels\n"
+        "ok, reason = moe_kernels.triton_available('cpu')\n"
         "assert not ok and 'TRITON_INTERPRET=1' in reason, reason\n"
         "a, b = torch.randn(4, 8), torch.randn(1, 8, 8)\n"
         "try:\n"
-        "    kernels.grouped_mm(a, b, torch.tensor([4], dtype=torch.int32))\n"
+        "    moe_kernels.grouped_mm(a, b, torch.tensor([4], dtype=torch.int32))\n"
         "except RuntimeError as err:\n"
         "    assert 'TRITON_INTERPRET=1' in str(err), err\n"
         "else:\n"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from kernel_testing import DEVICE
 
-from kernels.permute import sum_rows_by_token
-from kernels.schedule import max_row_tiles, tile_map, tile_map_reference
+from moe_kernels.permute import sum_rows_by_token
+from moe_kernels.schedule import max_row_tiles, tile_map, tile_map_reference
 
 
 def _tiles(offs, num_rows, block_m):

@@ -121,10 +121,10 @@ def _act_backward(n_in):
 
 def variants():
     """name -> (kernel, pointer types (None: absent), integer arguments, constexprs, tuning key)."""
-    from kernels.ffn_kernels import ffn_act_backward_kernel, ffn_up_kernel
-    from kernels.gemm_dw import grouped_dw_kernel
-    from kernels.gemm_rows import grouped_rows_kernel
-    from kernels.permute import sum_rows_kernel
+    from moe_kernels.ffn_kernels import ffn_act_backward_kernel, ffn_up_kernel
+    from moe_kernels.gemm_dw import grouped_dw_kernel
+    from moe_kernels.gemm_rows import grouped_rows_kernel
+    from moe_kernels.permute import sum_rows_kernel
 
     gemm = {"BLOCK_G": 16, "EVEN_K": True, "PRECISION": "ieee"}
     return {
@@ -198,7 +198,7 @@ def build(name: str) -> str:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.tuning import load_table
+    from moe_kernels.tuning import load_table
 
     kernel, pointers, ints, constexprs, key = variants()[name]
     table = load_table()

@@ -1,4 +1,4 @@
-"""The tile-config table (kernels/gemm_configs.json) is complete, well-formed and stable on rewrite.
+"""The tile-config table (moe_kernels/gemm_configs.json) is complete, well-formed and stable on rewrite.
 
 Shapes: M = rows, G = groups; the shape class comes from rows per group M / G.
 """
@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from kernels.tuning import FIELDS, KINDS, TABLE_PATH, config_key, device_family, dump_table, load_table
+from moe_kernels.tuning import FIELDS, KINDS, TABLE_PATH, config_key, device_family, dump_table, load_table
 
 
 def test_default_section_covers_every_launch():

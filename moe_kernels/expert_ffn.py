@@ -110,7 +110,7 @@ def _setup_context(ctx, inputs, output):
     if not save_preact:
         raise RuntimeError(
             "moe_kernels::expert_ffn ran with save_preact=False but a gradient is required; "
-            "call kernels.expert_ffn, which decides this from requires_grad"
+            "call moe_kernels.expert_ffn, which decides this from requires_grad"
         )
     ctx.save_for_backward(x, w_in, w_out, offs, row_token, row_slot, output[1])
     ctx.activation = activation

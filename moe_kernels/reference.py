@@ -41,7 +41,7 @@ def expert_ffn_reference(
     num_slots: int,
     activation: str = "swiglu",
 ) -> torch.Tensor:
-    """Twin of kernels.expert_ffn: gather, per-expert loop, activation, scatter.
+    """Twin of moe_kernels.expert_ffn: gather, per-expert loop, activation, scatter.
 
     y[row_slot[r]] = act(x[row_token[r]] @ w_in[e(r)]) @ w_out[e(r)] for r < offs[-1];
     the slots of rows past offs[-1] (dropped assignments) and slots named by no row are zeros.

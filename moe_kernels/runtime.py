@@ -25,7 +25,7 @@ def interpreting() -> bool:
     """True when this package's kernels were built by the Triton interpreter."""
     global _INTERPRETING
     if _INTERPRETING is None:
-        # Decided once, when the package is imported (kernels/__init__.py asks): Dynamo cannot
+        # Decided once, when the package is imported (moe_kernels/__init__.py asks): Dynamo cannot
         # evaluate isinstance on a compiled kernel object, but it can read a module-level bool.
         from triton.runtime.interpreter import InterpretedFunction
 
