@@ -1,5 +1,8 @@
-"""The one exception the command line reports without a traceback."""
+"""The one exception the command line reports without a traceback (besides OSErrors naming a path)."""
 
+from ..errors import InputError
 
-class UserError(Exception):
-    """An error the user can fix; reported as one line without a traceback, exit status 2."""
+# The command line's historical name for the tool's error type.
+UserError = InputError
+
+__all__ = ["InputError", "UserError"]
