@@ -17,4 +17,6 @@ __all__ = [
     "load_config",
     "update_expert_biases",
 ]
+# The one place the version is written: pyproject.toml reads it from here, `moe --version` from
+# the installed distribution's metadata.
 __version__ = "0.1.0"

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .config import MoEConfig
+from .errors import InputError
 from .router import Routing
 
 
@@ -45,10 +46,12 @@ def seq_aux_loss(probs_BSE: Tensor, topk_idx_BSK: Tensor) -> Tensor:
 
 
 def sequence_fp(probs_BSE: Tensor, topk_idx_BSK: Tensor) -> Tensor:
-    """sum_i f_i P_i within each sequence: [B] (the sequence-wise loss is E times their mean)."""
+    """sum_i f_i P_i within each sequence: [B] (the sequence-wise loss is E times their mean).
+    Sequences of no tokens (S = 0) give 0."""
     B, S, E = probs_BSE.shape
-    f_BE = expert_counts(topk_idx_BSK.reshape(B, -1), E) / topk_idx_BSK[0].numel()
-    p_BE = probs_BSE.mean(dim=1)
+    K = topk_idx_BSK.shape[-1]
+    f_BE = expert_counts(topk_idx_BSK.reshape(B, S * K), E) / max(S * K, 1)
+    p_BE = probs_BSE.sum(dim=1) / max(S, 1)
     return (f_BE * p_BE).sum(dim=-1)
 
 
@@ -77,8 +80,9 @@ def partial_sums(route: Routing, num_sequences: int | None, config: MoEConfig) -
     if config.aux_loss_coef or (config.seq_aux_loss_coef and num_sequences is None):
         sums["probs"] = route.probs.sum(dim=0)
     if config.seq_aux_loss_coef and num_sequences is not None:
-        B, E, K = num_sequences, route.probs.shape[-1], route.topk_idx.shape[-1]
-        sums["seq"] = sequence_fp(route.probs.view(B, -1, E), route.topk_idx.view(B, -1, K)).sum().reshape(1)
+        (T, E), K, B = route.probs.shape, route.topk_idx.shape[-1], num_sequences
+        S = T // B if B else 0  # spelled out: view(B, -1, E) cannot infer S from zero elements
+        sums["seq"] = sequence_fp(route.probs.view(B, S, E), route.topk_idx.view(B, S, K)).sum().reshape(1)
     if config.z_loss_coef:
         sums["z"] = router_z_losses(route.logits).sum().reshape(1)
     return sums
@@ -87,8 +91,11 @@ def partial_sums(route: Routing, num_sequences: int | None, config: MoEConfig) -
 def losses_from_sums(
     sums: dict[str, Tensor], load_E: Tensor, tokens: Tensor, sequences: Tensor, top_k: int, config: MoEConfig
 ) -> dict[str, Tensor]:
-    """The enabled losses of the batch, unweighted, from its summed partials."""
+    """The enabled losses of the batch, unweighted, from its summed partials. A batch of no
+    tokens (or no sequences) has losses of exactly 0: its sums are 0, and the counts they are
+    divided by are taken as at least 1."""
     losses = {}
+    tokens, sequences = tokens.clamp(min=1), sequences.clamp(min=1)
     if "probs" in sums:
         f_E = load_E.to(tokens.dtype) / (tokens * top_k)
         switch = load_E.numel() * (f_E * (sums["probs"] / tokens)).sum()
@@ -114,5 +121,5 @@ def bias_update(load_E: Tensor, rate: float, mode: str) -> Tensor:
     if mode == "zero_mean":
         step = step - step.mean()
     elif mode != "sign":
-        raise ValueError(f"unknown bias_update mode {mode!r} (expected 'sign' or 'zero_mean')")
+        raise InputError(f"unknown bias_update mode {mode!r} (expected 'sign' or 'zero_mean')")
     return step

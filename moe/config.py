@@ -1,26 +1,28 @@
 """Configs: the single source of truth for every size and switch.
 
-`MoEConfig` describes one MoE layer (router, balancing, capacity, experts), `ModelConfig`
-a whole decoder. Both validate themselves at construction and name the offending key and
-value in a `ValueError`; `load_config` reads YAML or JSON strictly (unknown keys are
-errors, not silently ignored).
+`MoEConfig` describes one MoE layer (router, balancing, capacity, experts), `ModelConfig` a whole
+decoder. Both validate themselves completely at construction, before anything is built: every
+field's type, every size against a sanity bound far above any published model (the limits below),
+every float finite and in range, and the cross-field rules (top_k <= num_experts, heads divide
+dims, ...). A bad value raises `InputError` with one line naming the key by its full dotted path
+(`moe.top_k`) and an excerpt of the value. `load_config` reads YAML or JSON strictly (unknown and
+duplicate keys are errors; see moe/shipped_configs.py for how a file is read).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from .shipped_configs import resolve_config
+from .errors import InputError, excerpt
+from .shipped_configs import read_config_file, resolve_config
 
 ScoreFunc = Literal["softmax", "sigmoid"]
 BiasUpdate = Literal["sign", "zero_mean"]
@@ -29,44 +31,125 @@ Backend = Literal["eager", "torch", "triton"]
 Activation = Literal["swiglu", "gelu"]
 AttentionKind = Literal["gqa", "mla"]
 
+# Sanity bounds. Each is far above every published model (configs/full/, the seed-speculated 10T
+# one included: E 256, D 12288, F 18432, L 120, V 157184, 163840 positions) and low enough that a
+# config of a few bytes cannot make the tool allocate or loop for minutes.
+MAX_EXPERTS = 2**16  # E, shared experts, top_k
+MAX_HIDDEN = 2**20  # D, head dims, MLA ranks
+MAX_FFN = 2**22  # F, dense and shared FFN widths, H * Dh
+MAX_HEADS = 2**16  # H, Hkv
+MAX_LAYERS = 10_000  # L
+MAX_VOCAB = 2**24  # V
+MAX_SEQ_LEN = 2**24  # max_seq_len, YaRN's original context and factor
+MAX_EXPERT_LAYERS = 2**20  # E * L: loading a per-expert checkpoint maps 3 tensors per expert per layer
+NAME = re.compile(r"\w[\w.+-]{0,127}")  # a config's name names its run folder: no path separators
+
+
+class ConfigValueError(InputError):
+    """An impossible config value. `key` is its dotted name ("moe.top_k"), `detail` the rest of
+    the message ("= 9 must be <= num_experts (8)"), so that a caller can rename the key."""
+
+    key: str = ""
+    detail: str = ""
+
 
 @dataclass
 class MoEConfig:
-    """One MoE layer. Defaults give a plain Mixtral-style softmax top-k layer."""
+    """One MoE layer. Defaults give a plain Mixtral-style softmax top-k layer.
+
+    Letters are those of docs/architecture.md's legend: E experts, K top-k, F expert FFN size,
+    D hidden size (from the ModelConfig), G expert groups, T tokens, A = T*K assignments,
+    C slots per expert.
+
+    Experts:
+        num_experts: E, routed experts per layer (not counting shared ones). Router weight [E, D],
+            expert weights w_in [E, D, 2F] and w_out [E, F, D]. 1..2**16.
+        top_k: K, experts each token is sent to; A = T*K assignments per batch. 1..E.
+        expert_ffn_size: F, the hidden width of one routed expert; null: 4 * D (each a full FFN).
+        activation: "swiglu" (w_in [E, D, 2F]: gate columns, then up) or "gelu" (w_in [E, D, F]).
+        num_shared_experts: always-on experts applied to every token and added unweighted
+            (DeepSeek-V3, Ling 2.0: 1); they form one MLP of width shared_ffn_size. 0 = none.
+        shared_ffn_size: width of that shared MLP; null: num_shared_experts * F.
+
+    Router (scores always in fp32: bf16 logits flip near-tied top-k choices):
+        score_func: "softmax" over the E logits, or "sigmoid" per expert (DeepSeek-V3, Ling 2.0).
+        n_group: G, group-limited routing: the E experts form G groups of Eg = E / G, ranked by the
+            sum of each group's best 2 scores ... 1 = off. Must divide E.
+        topk_group: ... and only the best topk_group groups are eligible for each token. 1..G.
+        norm_topk_prob: renormalise the K selected weights to sum to 1.
+        routed_scaling_factor: multiplies the routed weights (DeepSeek-V3 2.5; > 0).
+
+    Balancing (every coefficient >= 0; 0 = off):
+        aux_loss_coef: Switch Transformer load-balancing loss over the batch (1.0 when uniform).
+        seq_aux_loss_coef: the same loss per sequence, averaged (DeepSeek-V3 alpha = 1e-4).
+        z_loss_coef: ST-MoE router z-loss, mean logsumexp(logits)^2 (Ling 2.0: 3.5e-6).
+        expert_bias: aux-loss-free balancing: a per-expert bias [E] added to the scores for the
+            selection only (never to the weights), updated after every optimizer step.
+        bias_update_rate: u in b_i += u * sign(mean_load - load_i).
+        bias_update: "sign" (DeepSeek-V3) or "zero_mean" (the update re-centred to mean 0, Ling 2.0).
+
+    Capacity:
+        capacity_factor: null = dropless (every assignment computed). Else each expert gets
+            C = ceil(factor * T * K / E) slots; 0 < factor <= E (E already gives every expert
+            room for all A assignments).
+        capacity_mode: "static" (C slots each) or "dynamic" (the same E * C slots split per batch
+            by the observed load: only the peaks are dropped).
+
+    backend: the experts' implementation: "eager" (the readable loop over experts), "torch"
+        (torch.nn.functional.grouped_mm) or "triton" (moe_kernels). Same results, different speed.
+    """
 
     num_experts: int = 8
     top_k: int = 2
-    expert_ffn_size: int | None = None  # None: 4 * hidden_size, a full FFN per expert
+    expert_ffn_size: int | None = None
     activation: Activation = "swiglu"
-    num_shared_experts: int = 0  # always-on experts added unweighted (DeepSeek-V3, Ling 2.0: 1)
-    shared_ffn_size: int | None = None  # None: num_shared_experts * expert FFN size
+    num_shared_experts: int = 0
+    shared_ffn_size: int | None = None
 
-    # Router. Scores are always computed in fp32: bf16 logits flip near-tied top-k choices.
+    # Router.
     score_func: ScoreFunc = "softmax"
-    n_group: int = 1  # group-limited routing: experts split into n_group groups ...
-    topk_group: int = 1  # ... and only the best topk_group groups are eligible per token
-    norm_topk_prob: bool = True  # renormalise the k selected weights to sum to 1
-    routed_scaling_factor: float = 1.0  # multiplies routed weights (DeepSeek-V3 2.5, Ling 2.0 2.5)
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
 
-    # Balancing. Every coefficient 0 = off.
-    aux_loss_coef: float = 0.0  # Switch Transformer load-balancing loss over the batch
-    seq_aux_loss_coef: float = 0.0  # the same loss per sequence (DeepSeek-V3 alpha = 1e-4)
-    z_loss_coef: float = 0.0  # ST-MoE router z-loss (Ling 2.0: 3.5e-6)
-    expert_bias: bool = False  # aux-loss-free balancing: a per-expert bias used only for selection
-    bias_update_rate: float = 1e-3  # u in b_i += u * sign(mean_load - load_i)
-    bias_update: BiasUpdate = "sign"  # "sign" as DeepSeek-V3; "zero_mean" re-centres the update (Ling 2.0)
+    # Balancing.
+    aux_loss_coef: float = 0.0
+    seq_aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    expert_bias: bool = False
+    bias_update_rate: float = 1e-3
+    bias_update: BiasUpdate = "sign"
 
-    # Capacity. None = dropless: every assignment is computed.
+    # Capacity. None = dropless.
     capacity_factor: float | None = None
     capacity_mode: CapacityMode = "static"
 
-    backend: Backend = "torch"  # "eager" is the readable reference loop over experts
+    backend: Backend = "torch"
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _positive(self, "num_experts", "top_k", "n_group", "topk_group")
-        _non_negative(
-            self, "num_shared_experts", "aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"
+        _check_ints(
+            self,
+            {
+                "num_experts": (1, MAX_EXPERTS),
+                "top_k": (1, MAX_EXPERTS),
+                "expert_ffn_size": (1, MAX_FFN),
+                "num_shared_experts": (0, MAX_EXPERTS),
+                "shared_ffn_size": (1, MAX_FFN),
+                "n_group": (1, MAX_EXPERTS),
+                "topk_group": (1, MAX_EXPERTS),
+            },
+        )
+        _check_floats(
+            self,
+            {
+                "routed_scaling_factor": (_positive, "must be positive"),
+                "aux_loss_coef": (_non_negative, "must be >= 0"),
+                "seq_aux_loss_coef": (_non_negative, "must be >= 0"),
+                "z_loss_coef": (_non_negative, "must be >= 0"),
+                "bias_update_rate": (_non_negative, "must be >= 0"),
+            },
         )
         if self.top_k > self.num_experts:
             _fail("top_k", self.top_k, f"must be <= num_experts ({self.num_experts})")
@@ -80,14 +163,14 @@ class MoEConfig:
                 self.top_k,
                 f"exceeds the experts in topk_group={self.topk_group} groups of {self.num_experts // self.n_group}",
             )
-        for key in ("expert_ffn_size", "shared_ffn_size"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                _fail(key, value, "must be positive or null")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            _fail("capacity_factor", self.capacity_factor, "must be positive or null (dropless)")
-        if self.routed_scaling_factor <= 0:
-            _fail("routed_scaling_factor", self.routed_scaling_factor, "must be positive")
+        factor = self.capacity_factor
+        if factor is not None and not 0 < factor <= self.num_experts:
+            _fail(
+                "capacity_factor",
+                factor,
+                f"must be in (0, num_experts={self.num_experts}] (more gives no expert more slots than "
+                "there are assignments), or null (dropless)",
+            )
 
     def ffn_size(self, hidden_size: int) -> int:
         return self.expert_ffn_size or 4 * hidden_size
@@ -98,73 +181,137 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    """A decoder-only transformer whose FFNs are dense SwiGLU MLPs or MoE layers."""
+    """A decoder-only transformer whose FFNs are dense SwiGLU MLPs or MoE layers.
+
+    Letters are those of docs/architecture.md's legend: V vocabulary, D hidden size, L layers,
+    H / Hkv query / key-value heads, Dh head dim, S tokens per sequence; MLA adds C (kv_lora_rank)
+    and Dn / Dr / Dv (no-RoPE, RoPE and value head dims).
+
+    Sizes:
+        name: names the run folder (runs/<name>) and reports: letters, digits, "_", ".", "+", "-".
+        vocab_size: V, token ids 0..V-1; embedding and output head [V, D].
+        hidden_size: D, the residual stream width.
+        num_layers: L, decoder layers (dense or MoE, see the layer plan).
+        num_heads: H, query heads.
+        num_kv_heads: Hkv, key/value heads; null: H (multi-head). Fewer: grouped-query. Divides H.
+        head_dim: Dh; null: D / H (then H must divide D).
+        intermediate_size: width of the dense layers' SwiGLU FFN; null: 4 * D.
+        max_seq_len: the context S trained on by default and used for attention FLOPs.
+        norm_eps: RMSNorm epsilon, in (0, 1].
+        tie_embeddings: the output head reuses the embedding matrix.
+        init_std: standard deviation of the random initialisation (> 0).
+
+    Attention:
+        attention: "gqa" (grouped-query) or "mla" (DeepSeek-V3's multi-head latent attention).
+        qk_norm: RMSNorm over each head's q and k before RoPE (Qwen3, Ling 2.0).
+        attention_bias: a bias on the q/k/v projections.
+        attention_out_bias: a bias on the output projection (Qwen3's attention_bias, Ling's use_bias).
+        rope_theta: RoPE base (> 1): the slowest rotation turns once in about 2 pi theta tokens.
+        rope_fraction: share of each head's dims that RoPE rotates, in (0, 1] (Ling 2.0: 0.5).
+        rope_interleave: rotate adjacent pairs (DeepSeek's MLA) instead of the two halves.
+        rope_scaling: YaRN context extension; null = plain RoPE. Keys: type ("yarn"), factor (>= 1),
+            original_max_position_embeddings, and optionally beta_fast (32), beta_slow (1) (> 0),
+            mscale, mscale_all_dim (>= 0; MLA also scales its softmax by
+            yarn_mscale(factor, mscale_all_dim)^2), attention_factor (> 0), truncate.
+            DeepSeek-V3: factor 40 over 4096, mscale = mscale_all_dim = 1.
+
+    MLA (used when attention is "mla"):
+        q_lora_rank: rank of q's latent; null: q is projected directly from D.
+        kv_lora_rank: C, the compressed key/value latent cached per token.
+        qk_nope_head_dim: Dn, the per-head query/key dims without RoPE (>= 0).
+        qk_rope_head_dim: Dr, the RoPE dims, one key part shared by all heads (even).
+        v_head_dim: Dv, per-head value dims.
+        latent_norm_eps: eps of the q/kv latent RMSNorms; null: norm_eps (DeepSeek-V3's
+            reference code fixes it at 1e-6 whatever rms_norm_eps says).
+
+    Layer plan: which layers have an MoE FFN. Exactly one scheme applies, in this order:
+        moe_layers: an explicit list of MoE layer indices (each in 0..L-1, no repeats).
+        moe_pattern: "2-4-2-4": 2 dense, 4 MoE, repeating to the depth (a period of at most 10000 layers).
+        first_k_dense, moe_every: after first_k_dense dense layers, every moe_every-th layer is MoE.
+        moe: the MoE layers' MoEConfig; null: a dense model.
+    """
 
     name: str = "model"
     vocab_size: int = 256  # bytes: the default corpus needs no tokenizer
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
-    num_kv_heads: int | None = None  # None: num_heads (MHA); fewer: GQA
-    head_dim: int | None = None  # None: hidden_size // num_heads
-    intermediate_size: int | None = None  # dense SwiGLU FFN; None: 4 * hidden_size
-    max_seq_len: int = 256  # context length used for training and for attention FLOPs
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    max_seq_len: int = 256
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     init_std: float = 0.02
 
     # Attention.
     attention: AttentionKind = "gqa"
-    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3, Ling 2.0)
-    attention_bias: bool = False  # bias on the q/k/v projections
-    attention_out_bias: bool = False  # bias on the output projection (Qwen3 attention_bias, Ling use_bias)
+    qk_norm: bool = False
+    attention_bias: bool = False
+    attention_out_bias: bool = False
     rope_theta: float = 10000.0
-    rope_fraction: float = 1.0  # share of each head's dims that RoPE rotates (Ling 2.0: 0.5)
-    rope_interleave: bool = False  # rotate adjacent pairs (DeepSeek's MLA) instead of halves
-    # YaRN context extension, None = plain RoPE. Keys: type ("yarn"), factor,
-    # original_max_position_embeddings, and optionally beta_fast (32), beta_slow (1), mscale,
-    # mscale_all_dim (MLA also scales its softmax by yarn_mscale(factor, mscale_all_dim)^2),
-    # attention_factor, truncate. DeepSeek-V3: factor 40 over 4096, mscale = mscale_all_dim = 1.
+    rope_fraction: float = 1.0
+    rope_interleave: bool = False
     rope_scaling: dict | None = None
-    # MLA (DeepSeek-V3 multi-head latent attention); used when attention == "mla".
-    q_lora_rank: int | None = None  # None: q is projected directly, without a latent
+    # MLA.
+    q_lora_rank: int | None = None
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
-    latent_norm_eps: float | None = None  # eps of the q/kv latent RMSNorms; None: norm_eps
-    # (DeepSeek-V3's reference code fixes it at 1e-6 whatever rms_norm_eps says)
+    latent_norm_eps: float | None = None
 
-    # Layer plan: which layers use an MoE FFN. Exactly one scheme applies:
-    # moe_layers (explicit list) > moe_pattern ("2-4-2-4": 2 dense, 4 MoE, repeating)
-    # > first_k_dense + moe_every (after k dense layers, every n-th layer is MoE).
+    # Layer plan.
     first_k_dense: int = 0
     moe_every: int = 1
     moe_pattern: str | None = None
     moe_layers: list[int] | None = None
-    moe: MoEConfig | None = field(default_factory=MoEConfig)  # None: a dense model
+    moe: MoEConfig | None = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = _from_dict(MoEConfig, self.moe, prefix="moe.")
         _check_types(self)
-        _positive(
+        if not NAME.fullmatch(self.name):
+            _fail("name", self.name, "must be 1-128 letters, digits or '_.+-', starting with a letter, digit or '_'")
+        _check_ints(
             self,
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "max_seq_len",
-            "moe_every",
-            "kv_lora_rank",
-            "qk_rope_head_dim",
-            "v_head_dim",
+            {
+                "vocab_size": (1, MAX_VOCAB),
+                "hidden_size": (1, MAX_HIDDEN),
+                "num_layers": (1, MAX_LAYERS),
+                "num_heads": (1, MAX_HEADS),
+                "num_kv_heads": (1, MAX_HEADS),
+                "head_dim": (1, MAX_HIDDEN),
+                "intermediate_size": (1, MAX_FFN),
+                "max_seq_len": (1, MAX_SEQ_LEN),
+                "q_lora_rank": (1, MAX_HIDDEN),
+                "kv_lora_rank": (1, MAX_HIDDEN),
+                "qk_nope_head_dim": (0, MAX_HIDDEN),
+                "qk_rope_head_dim": (1, MAX_HIDDEN),
+                "v_head_dim": (1, MAX_HIDDEN),
+                "first_k_dense": (0, MAX_LAYERS),
+                "moe_every": (1, MAX_LAYERS),
+            },
         )
-        _non_negative(self, "first_k_dense", "qk_nope_head_dim")
-        for key in ("num_kv_heads", "head_dim", "intermediate_size", "q_lora_rank"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                _fail(key, value, "must be positive or null")
+        _check_floats(
+            self,
+            {
+                "norm_eps": (_unit, "must be in (0, 1]"),
+                "init_std": (_positive, "must be positive"),
+                "rope_theta": (lambda v: v > 1, "must be > 1 (a base <= 1 gives no decaying frequencies)"),
+                "rope_fraction": (_unit, "must be in (0, 1]"),
+                "latent_norm_eps": (_unit, "must be in (0, 1] or null"),
+            },
+        )
+        self._check_attention()
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
+        self._check_layer_plan()
+        if self.moe is not None:
+            self._check_moe_sizes(self.moe)
+
+    def _check_attention(self) -> None:
         if self.num_heads % self.kv_heads:
             _fail("num_heads", self.num_heads, f"must be divisible by num_kv_heads ({self.kv_heads})")
         if self.head_dim is None and self.hidden_size % self.num_heads:
@@ -173,37 +320,55 @@ class ModelConfig:
                 self.hidden_size,
                 f"must be divisible by num_heads ({self.num_heads}) unless head_dim is set",
             )
-        if not 0.0 < self.rope_fraction <= 1.0:
-            _fail("rope_fraction", self.rope_fraction, "must be in (0, 1]")
-        if self.attention == "gqa" and self.rotary_dim % 2:
-            _fail(
-                "rope_fraction",
-                self.rope_fraction,
-                f"gives an odd rotary dim {self.rotary_dim} for head_dim {self.dim_per_head}",
-            )
-        if self.rope_scaling is not None:
-            _check_rope_scaling(self.rope_scaling)
-        if self.latent_norm_eps is not None and not self.latent_norm_eps > 0:
-            _fail("latent_norm_eps", self.latent_norm_eps, "must be positive or null")
-        if self.attention == "mla" and self.qk_rope_head_dim % 2:
-            _fail("qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
+        if self.attention == "gqa":
+            if self.num_heads * self.dim_per_head > MAX_FFN:
+                _fail("num_heads", self.num_heads, f"x head dim {self.dim_per_head} must be <= {MAX_FFN}")
+            if self.rotary_dim % 2:
+                _fail(
+                    "rope_fraction",
+                    self.rope_fraction,
+                    f"gives an odd rotary dim {self.rotary_dim} for head_dim {self.dim_per_head}",
+                )
+        else:
+            if self.qk_rope_head_dim % 2:
+                _fail("qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
+            widest = max(self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim)
+            if self.num_heads * widest > MAX_FFN:
+                _fail("num_heads", self.num_heads, f"x MLA head dim {widest} must be <= {MAX_FFN}")
+
+    def _check_layer_plan(self) -> None:
         if self.first_k_dense > self.num_layers:
             _fail("first_k_dense", self.first_k_dense, f"exceeds num_layers ({self.num_layers})")
         if self.moe_pattern is not None:
-            if not re.fullmatch(r"\d+(-\d+)*", self.moe_pattern) or len(self.moe_pattern.split("-")) % 2:
-                _fail(
-                    "moe_pattern", self.moe_pattern, "must alternate dense and MoE run lengths, e.g. '2-4' or '2-4-2-4'"
-                )
-            if not any(int(n) for n in self.moe_pattern.split("-")[1::2]):
-                _fail("moe_pattern", self.moe_pattern, "has no MoE layers")
+            pattern = self.moe_pattern
+            if len(pattern) > 256 or not re.fullmatch(r"\d{1,5}(-\d{1,5})*", pattern) or len(pattern.split("-")) % 2:
+                _fail("moe_pattern", pattern, "must alternate dense and MoE run lengths, e.g. '2-4' or '2-4-2-4'")
+            runs = [int(n) for n in pattern.split("-")]
+            if sum(runs) > MAX_LAYERS:  # layer_plan expands one period of the pattern
+                _fail("moe_pattern", pattern, f"has a period of {sum(runs)} layers (at most {MAX_LAYERS})")
+            if not any(runs[1::2]):
+                _fail("moe_pattern", pattern, "has no MoE layers")
             if self.first_k_dense or self.moe_every != 1:
-                _fail("moe_pattern", self.moe_pattern, "cannot be combined with first_k_dense/moe_every")
+                _fail("moe_pattern", pattern, "cannot be combined with first_k_dense/moe_every")
         if self.moe_layers is not None:
             bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
             if bad:
-                _fail("moe_layers", self.moe_layers, f"has layers outside 0..{self.num_layers - 1}: {bad}")
+                _fail("moe_layers", self.moe_layers, f"has layers outside 0..{self.num_layers - 1}: {excerpt(bad)}")
+            if len(set(self.moe_layers)) != len(self.moe_layers):
+                _fail("moe_layers", self.moe_layers, "lists a layer twice")
         if self.moe is None and (self.moe_layers or self.moe_pattern):
             _fail("moe", None, "is null but the layer plan asks for MoE layers")
+
+    def _check_moe_sizes(self, moe: MoEConfig) -> None:
+        """The MoE limits that depend on the model: expert widths from D, experts times layers."""
+        if moe.shared_size(self.hidden_size) > MAX_FFN:
+            _fail("moe.num_shared_experts", moe.num_shared_experts, f"gives a shared FFN wider than {MAX_FFN}")
+        if moe.num_experts * self.num_layers > MAX_EXPERT_LAYERS:
+            _fail(
+                "moe.num_experts",
+                moe.num_experts,
+                f"x num_layers ({self.num_layers}) must be <= {MAX_EXPERT_LAYERS} experts in all",
+            )
 
     @property
     def kv_heads(self) -> int:
@@ -238,25 +403,50 @@ ROPE_SCALING_KEYS = {
 }
 
 
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def _non_negative(value: float) -> bool:
+    return value >= 0
+
+
+def _unit(value: float) -> bool:
+    return 0 < value <= 1
+
+
+def _up_to_max_seq_len(value: float) -> bool:
+    return 1 <= value <= MAX_SEQ_LEN
+
+
+# Beyond the types: YaRN's ramp takes log(beta) and divides by the mscale terms, which these keep > 0.
+ROPE_SCALING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "factor": (_up_to_max_seq_len, f"must be in [1, {MAX_SEQ_LEN}]"),
+    "original_max_position_embeddings": (_up_to_max_seq_len, f"must be in [1, {MAX_SEQ_LEN}]"),
+    "beta_fast": (_positive, "must be positive"),
+    "beta_slow": (_positive, "must be positive"),
+    "mscale": (_non_negative, "must be >= 0"),
+    "mscale_all_dim": (_non_negative, "must be >= 0"),
+    "attention_factor": (_positive, "must be positive"),
+}
+
+
 def _check_rope_scaling(scaling: dict) -> None:
     for key, value in scaling.items():
         if key not in ROPE_SCALING_KEYS:
             _fail(f"rope_scaling.{key}", value, f"is not a YaRN key (known: {', '.join(ROPE_SCALING_KEYS)})")
         if _coerce(value, ROPE_SCALING_KEYS[key]) is _BAD:
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail(f"rope_scaling.{key}", value, "must be a finite number")
             _fail(f"rope_scaling.{key}", value, f"has the wrong type (expected {ROPE_SCALING_KEYS[key].__name__})")
     if scaling.get("type") != "yarn":
         _fail("rope_scaling.type", scaling.get("type"), "must be 'yarn' (the only scaling implemented)")
     for key in ("factor", "original_max_position_embeddings"):
         if key not in scaling:
             _fail(f"rope_scaling.{key}", None, "is required for YaRN")
-    if not scaling["factor"] >= 1:
-        _fail("rope_scaling.factor", scaling["factor"], "must be >= 1")
-    if scaling["original_max_position_embeddings"] <= 0:
-        _fail(
-            "rope_scaling.original_max_position_embeddings",
-            scaling["original_max_position_embeddings"],
-            "must be positive",
-        )
+    for key, (ok, why) in ROPE_SCALING_RANGES.items():
+        if scaling.get(key) is not None and not ok(scaling[key]):
+            _fail(f"rope_scaling.{key}", scaling[key], why)
 
 
 # --------------------------------------------------------------------------- loading
@@ -266,19 +456,17 @@ def load_config(path: str | Path) -> ModelConfig:
     """Read a YAML or JSON model config strictly into a `ModelConfig`.
 
     `path` is a file or the name of a shipped config ("tiny", "deepseek-v3"; `moe configs` lists them).
+    The file is read as moe.shipped_configs.read_config_file reads it (size cap, regular files
+    only, no duplicate keys, no YAML aliases); every problem is an InputError naming the file.
     """
     path = resolve_config(path)
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: malformed config: {str(e).splitlines()[0]}") from None
+    data = read_config_file(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}")
+        raise InputError(f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}")
     try:
         return config_from_dict(data)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
 
 
 def config_from_dict(data: dict[str, Any]) -> ModelConfig:
@@ -287,38 +475,50 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ValueError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+        raise InputError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {excerpt(data)}")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted((k for k in data if k not in names), key=str)
     if unknown:
-        raise ValueError(f"unknown config key '{prefix}{unknown[0]}' (known keys: {', '.join(sorted(names))})")
+        key = unknown[0] if isinstance(unknown[0], str) and len(unknown[0]) <= 80 else excerpt(unknown[0])
+        raise InputError(f"unknown config key '{prefix}{key}' (known keys: {', '.join(sorted(names))})")
     try:
         return cls(**data)
-    except ValueError as e:
+    except ConfigValueError as e:
         # Name nested keys by their full path ("moe.top_k"), as the user wrote them.
-        msg = str(e)
-        if prefix and msg.startswith("config key '"):
-            msg = msg.replace("config key '", f"config key '{prefix}", 1)
-        raise ValueError(msg) from None
+        raise _error(prefix + e.key, e.detail) from None
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _fail(key: str, value: Any, why: str) -> None:
-    raise ValueError(f"config key '{key}' = {value!r} {why}")
+def _error(key: str, detail: str) -> ConfigValueError:
+    error = ConfigValueError(f"config key '{key}' {detail}")
+    error.key, error.detail = key, detail
+    return error
 
 
-def _positive(cfg: Any, *keys: str) -> None:
-    for key in keys:
-        if getattr(cfg, key) <= 0:
-            _fail(key, getattr(cfg, key), "must be positive")
+def _fail(key: str, value: Any, why: str) -> typing.NoReturn:
+    raise _error(key, f"= {excerpt(value)} {why}")
 
 
-def _non_negative(cfg: Any, *keys: str) -> None:
-    for key in keys:
-        if getattr(cfg, key) < 0:
-            _fail(key, getattr(cfg, key), "must be >= 0")
+def _check_ints(cfg: Any, bounds: dict[str, tuple[int, int]]) -> None:
+    """Each int field (or null where allowed) within [lo, hi]."""
+    for key, (lo, hi) in bounds.items():
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        if value < lo:
+            _fail(key, value, "must be positive" if lo == 1 else f"must be >= {lo}")
+        if value > hi:
+            _fail(key, value, f"must be <= {hi} (a sanity bound far above published models)")
+
+
+def _check_floats(cfg: Any, rules: dict[str, tuple[Callable[[float], bool], str]]) -> None:
+    """Each float field (already finite) passes its rule, or is null where allowed."""
+    for key, (ok, why) in rules.items():
+        value = getattr(cfg, key)
+        if value is not None and not ok(value):
+            _fail(key, value, why)
 
 
 def _check_types(cfg: Any) -> None:
@@ -327,6 +527,8 @@ def _check_types(cfg: Any) -> None:
         value = getattr(cfg, f.name)
         coerced = _coerce(value, hints[f.name])
         if coerced is _BAD:
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail(f.name, value, "must be a finite number")
             _fail(f.name, value, f"has the wrong type (expected {_describe(hints[f.name])})")
         setattr(cfg, f.name, coerced)
 
@@ -335,7 +537,8 @@ _BAD = object()
 
 
 def _coerce(value: Any, hint: Any) -> Any:
-    """Return value as the hinted type (ints accepted for floats), or _BAD."""
+    """Return value as the hinted type (ints accepted for floats), or _BAD. Floats must be finite,
+    ints must be true ints (not bools, not floats such as 1e8)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None:
@@ -343,7 +546,7 @@ def _coerce(value: Any, hint: Any) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner)
     if origin is Literal:
-        return value if value in args else _BAD
+        return value if isinstance(value, str) and value in args else _BAD
     if origin is list:
         if not isinstance(value, (list, tuple)):
             return _BAD

@@ -50,13 +50,15 @@ def expert_load(topk_idx_TK: Tensor, num_experts: int) -> Tensor:
     return count_ids(topk_idx_TK.flatten(), num_experts)
 
 
-def count_ids(ids: Tensor, n: int) -> Tensor:
-    """How often each of 0..n-1 occurs in ids: [n] int64.
+def count_ids(ids: Tensor, n: int, counted: Tensor | None = None) -> Tensor:
+    """How often each of 0..n-1 occurs in ids: [n] int64; with `counted` (bool, the shape of
+    ids), only the occurrences where it is True.
 
     A scatter-add rather than `torch.bincount`, whose output length depends on the data
     (max id + 1): that would make every downstream shape unknown to torch.compile.
     """
-    return torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+    ones = torch.ones_like(ids) if counted is None else counted.to(ids.dtype)
+    return torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(0, ids, ones)
 
 
 def plan_dispatch(

@@ -12,7 +12,9 @@ Backends (MoEConfig.backend), all computing the same function:
 - "eager":  a Python loop of plain matmuls over experts, the readable reference
             (moe_kernels.grouped_mm_reference, the one eager twin of every grouped GEMM). It
             reads the offsets on the host (one sync per layer, by design).
-- "torch":  torch.nn.functional.grouped_mm, one kernel per GEMM, no host sync.
+- "torch":  torch.nn.functional.grouped_mm, one kernel per GEMM, no host sync. bf16 calls it
+            directly; fp32 and fp16 through `moe::grouped_mm`, a torch.library op around the same
+            kernel that torch.compile can trace in every dtype (see `torch_grouped_mm`).
 - "triton": moe_kernels.expert_ffn, gather fused into the first GEMM's loads and scatter into
             the second GEMM's stores (`fused`, which the local dispatcher calls). Falls back
             to "torch" (one warning) where Triton cannot run: no triton, or CPU tensors
@@ -100,18 +102,35 @@ def eager_grouped_mm(a_RK: Tensor, b_EKN: Tensor, offs: Tensor) -> Tensor:
 
 
 def torch_grouped_mm(a_RK: Tensor, b_EKN: Tensor, offs: Tensor) -> Tensor:
-    """torch.nn.functional.grouped_mm, padded where its 16-byte stride rule needs it.
+    """torch.nn.functional.grouped_mm, padded where its 16-byte stride rule needs it; the eager
+    loop where torch has no kernel for the dtype on this device (one warning).
 
-    Zero padding of K and N is exact: padded columns of `a` meet padded rows of `b`.
+    torch.compile traces grouped_mm through torch's fake (meta) implementation, which in torch
+    2.13 accepts bf16 only: it copies the CUDA kernel's dtype check, although the CPU kernel
+    also runs fp32 and fp16. So only bf16 calls torch's op directly (which inductor may lower
+    to its own grouped-GEMM template); every other dtype calls our op `moe::grouped_mm`, a
+    torch.library custom op that runs the same kernel and whose fake takes any dtype, so the
+    layer compiles with fullgraph=True in fp32 too (as one opaque kernel call per GEMM).
     """
     a_RK, b_EKN = _autocast(a_RK, b_EKN)
-    supported = GROUPED_MM_DTYPES if a_RK.device.type == "cpu" else (torch.bfloat16,)
-    if not hasattr(F, "grouped_mm") or a_RK.dtype not in supported:
-        _warn_once(
-            f"torch.nn.functional.grouped_mm does not take {a_RK.dtype} on {a_RK.device.type} "
-            f"in torch {torch.__version__}; the experts run the eager loop instead"
-        )
-        return eager_grouped_mm(a_RK, b_EKN, offs)
+    if a_RK.dtype in TRACEABLE_DTYPES and _native_takes(a_RK):
+        return _ContiguousGrad.apply(_native_grouped_mm(a_RK, b_EKN, offs))
+    return _grouped_mm_op(a_RK, b_EKN, offs)
+
+
+# The dtypes whose grouped_mm torch.compile can trace through torch's own fake implementation.
+TRACEABLE_DTYPES = (torch.bfloat16,)
+
+
+def _native_takes(a: Tensor) -> bool:
+    """Does torch's grouped_mm kernel take a's dtype on a's device?"""
+    supported = GROUPED_MM_DTYPES if a.device.type == "cpu" else (torch.bfloat16,)
+    return hasattr(F, "grouped_mm") and a.dtype in supported
+
+
+def _native_grouped_mm(a_RK: Tensor, b_EKN: Tensor, offs: Tensor) -> Tensor:
+    """F.grouped_mm with K and N zero-padded to 16 bytes: exact, padded columns of `a` meet
+    padded rows of `b`. Returns a view when N was padded."""
     K, N = b_EKN.shape[1:]
     align = 16 // a_RK.element_size()
     pad_k, pad_n = -K % align, -N % align
@@ -120,17 +139,95 @@ def torch_grouped_mm(a_RK: Tensor, b_EKN: Tensor, offs: Tensor) -> Tensor:
         b_EKN = F.pad(b_EKN, (0, pad_n, 0, pad_k))
     # offs must be contiguous: on CUDA (torch 2.11) grouped_mm reads offs from its data pointer
     # with unit stride, so a strided view (offs[P-1::P]) silently groups the wrong rows.
-    out = _ContiguousGrad.apply(F.grouped_mm(a_RK, b_EKN, offs=offs.contiguous()))
+    out = F.grouped_mm(a_RK, b_EKN, offs=offs.contiguous())
     return out[:, :N] if pad_n else out
+
+
+def _native_grouped_mm_dw(a_RK: Tensor, dy_RN: Tensor, offs: Tensor) -> Tensor:
+    """dB [E, K, N], dB[e] = a_e^T dy_e over expert e's rows: F.grouped_mm's 2-D x 2-D form,
+    padded like the forward (K columns of `a`, N columns of `dy`)."""
+    K, N = a_RK.shape[1], dy_RN.shape[1]
+    align = 16 // a_RK.element_size()
+    if K % align:
+        a_RK = F.pad(a_RK, (0, -K % align))
+    if N % align:
+        dy_RN = F.pad(dy_RN, (0, -N % align))
+    return F.grouped_mm(a_RK.t(), dy_RN, offs=offs.contiguous())[:, :K, :N]
+
+
+def _grouped_mm_dw_reference(a_RK: Tensor, dy_RN: Tensor, offs: Tensor) -> Tensor:
+    """The readable twin of `_native_grouped_mm_dw`: one a_e^T dy_e per expert (host sync)."""
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    return torch.stack([a_RK[s:e].t() @ dy_RN[s:e] for s, e in zip(starts, ends)])
+
+
+# ------------------------------------------------------------------ moe::grouped_mm, a custom op
+#
+# Semantics of F.grouped_mm(a [R, K], b [E, K, N], offs) -> [R, N]; rows past offs[-1] are
+# unspecified. The op's outputs are always contiguous, as its fake says: inductor plans the
+# memory of an opaque call from the fake's strides.
+
+
+@torch.library.custom_op("moe::grouped_mm", mutates_args=())
+def _grouped_mm_op(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    if _native_takes(a):
+        return _native_grouped_mm(a, b, offs).contiguous()
+    _warn_once(
+        f"torch.nn.functional.grouped_mm does not take {a.dtype} on {a.device.type} "
+        f"in torch {torch.__version__}; the experts run the eager loop instead"
+    )
+    return eager_grouped_mm(a, b, offs)
+
+
+@_grouped_mm_op.register_fake
+def _(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    return a.new_empty(a.shape[0], b.shape[2])
+
+
+@torch.library.custom_op("moe::grouped_mm_dw", mutates_args=())
+def _grouped_mm_dw_op(a: Tensor, dy: Tensor, offs: Tensor) -> Tensor:
+    if _native_takes(a):
+        return _native_grouped_mm_dw(a, dy, offs).contiguous()
+    return _grouped_mm_dw_reference(a, dy, offs)
+
+
+@_grouped_mm_dw_op.register_fake
+def _(a: Tensor, dy: Tensor, offs: Tensor) -> Tensor:
+    return a.new_empty(offs.shape[0], a.shape[1], dy.shape[1])
+
+
+def _grouped_mm_setup_context(ctx, inputs, output) -> None:
+    a, b, offs = inputs
+    ctx.save_for_backward(a, b, offs)
+
+
+def _grouped_mm_backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    """dA = grouped_mm(dY, b^T) (b^T a view), dB[e] = a_e^T dY_e."""
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()  # e.g. the expanded gradient of a sum
+    da = _grouped_mm_op(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    db = _grouped_mm_dw_op(a, grad, offs) if ctx.needs_input_grad[1] else None
+    return da, db, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup_context)
 
 
 def _autocast(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Apply autocast's dtype by hand: grouped_mm is not on autocast's list of ops."""
-    device = a.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
+    if autocasting(a.device) and a.dtype != torch.float64:  # autocast never casts fp64
+        dtype = torch.get_autocast_dtype(a.device.type)
         return a.to(dtype), b.to(dtype)
     return a, b
+
+
+def autocasting(device: torch.device) -> bool:
+    """Is torch.autocast on for this device's type? False for types autocast does not know (meta)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # "unknown device type for autocast"
+        return False
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -14,6 +14,7 @@ from types import ModuleType
 EXTRA_OF = {
     "transformers": "hf",
     "tokenizers": "hf",
+    "jinja2": "hf",  # chat templates
     "matplotlib": "plots",
     "tensorboard": "tensorboard",
     "triton": "triton",

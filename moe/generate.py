@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .errors import InputError
 from .model import Transformer
 
 
@@ -45,12 +46,12 @@ def generate(
     [B, N, V] each new token was drawn from."""
     vocab = model.config.vocab_size
     if prompt_BS.dim() != 2 or prompt_BS.shape[1] == 0:
-        raise ValueError(f"the prompt must be [batch, tokens] with at least one token, got {tuple(prompt_BS.shape)}")
+        raise InputError(f"the prompt must be [batch, tokens] with at least one token, got {tuple(prompt_BS.shape)}")
     if prompt_BS.min() < 0 or prompt_BS.max() >= vocab:
         bad = prompt_BS[(prompt_BS < 0) | (prompt_BS >= vocab)][0]
-        raise ValueError(f"prompt token id {int(bad)} is outside the vocabulary (vocab_size {vocab})")
+        raise InputError(f"prompt token id {int(bad)} is outside the vocabulary (vocab_size {vocab})")
     if temperature < 0 or (top_k is not None and top_k <= 0):
-        raise ValueError(f"temperature must be >= 0 and top_k positive, got {temperature}, {top_k}")
+        raise InputError(f"temperature must be >= 0 and top_k positive, got {temperature}, {top_k}")
     model.eval()
     window = model.config.max_seq_len
     ids_BS = prompt_BS.to(model.lm_head.weight.device)

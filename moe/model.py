@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .attention import Attention, KVCache, MLAttention
 from .config import ModelConfig
+from .errors import InputError
 from .layer import MoE
 from .mlp import MLP
 from .norm import RMSNorm
@@ -62,6 +63,15 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """A decoder-only transformer: input_ids [B, S] -> logits [B, S, V].
+
+    `Transformer(config)` builds embed_tokens [V, D], L blocks (attention, GQA or MLA, then a
+    dense SwiGLU MLP or an MoE layer as `layer_plan(config)` says), a final RMSNorm and
+    lm_head [V, D], initialised by `reset_parameters`. Parameters follow `.to(dtype)`; the
+    routers' expert_bias and the RoPE frequencies stay float32. `aux_loss()` sums the MoE
+    layers' weighted balancing losses of the last forward.
+    """
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -89,9 +99,18 @@ class Transformer(nn.Module):
                 module.bias.zero_()
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits [B, S, V] for input_ids [B, S]; with a cache, the S tokens continue it."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        """input_ids [B, S] (int64 or int32, each in 0..V-1) -> logits [B, S, V] in the model's dtype.
+
+        With a cache (`new_cache()`), the S tokens continue the ones already in it (positions
+        cache.seq_len .. cache.seq_len + S - 1) and the cache grows by S. S = 0 or B = 0 give
+        empty logits. A wrong ndim, a non-integer dtype, another device than the model's, or
+        (for ids on the CPU) an id outside 0..V-1 raise `moe.errors.InputError`. Ids on a GPU
+        are not range-checked here (that would cost a host sync per call; `moe train` checks
+        its corpus and `generate` its prompt once): an id outside the vocabulary fails inside
+        the embedding, as a device-side assert. Compiled on a CPU, inductor's bounds check
+        raises a RuntimeError instead.
+        """
+        self._check_ids(input_ids)
         start = cache.seq_len if cache is not None else 0
         positions_S = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         x_BSD = self.embed_tokens(input_ids)
@@ -100,6 +119,23 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         return self.lm_head(self.norm(x_BSD))
+
+    def _check_ids(self, input_ids: Tensor) -> None:
+        vocab, device = self.config.vocab_size, self.embed_tokens.weight.device
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
+        if input_ids.device != device:
+            raise InputError(f"input_ids must be on the model's device {device}, got {input_ids.device}")
+        # On the CPU the range check costs no sync; under torch.compile it would be a graph break.
+        if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
+            bad = (input_ids < 0) | (input_ids >= vocab)
+            if bad.any():
+                b, s = (int(i) for i in bad.nonzero()[0])
+                raise InputError(
+                    f"token id {int(input_ids[b, s])} at [{b}, {s}] is outside the vocabulary (0..{vocab - 1})"
+                )
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
@@ -110,29 +146,49 @@ class Transformer(nn.Module):
         return torch.stack(losses).sum() if losses else self.lm_head.weight.new_zeros(())
 
     def new_cache(self) -> KVCache:
+        """An empty KV cache for `forward(ids, cache)`: per layer, GQA keeps k and v
+        [B, Hkv, S, Dh], MLA its latent c_kv [B, S, C] and k_rope [B, 1, S, Dr], S growing with
+        each call; `cache.seq_len` counts the tokens in it. One cache per batch of sequences."""
         return KVCache(len(self.layers))
 
     # Checkpoints. The file layouts live in moe.io, which stands above this module and registers
     # them in CHECKPOINT_FORMATS when `import moe` loads it: the model does not import its readers.
 
-    def save_pretrained(self, directory: str | Path, format: str = "moe") -> None:
-        """Write config.json + safetensors: our layout ("moe") or Hugging Face's ("hf")."""
-        checkpoint_format(format).save(self, directory)
+    def save_pretrained(self, directory: str | Path, format: str = "moe", **kwargs) -> None:
+        """Write config.json + safetensors into `directory`.
+
+        format "moe" (ours): every tensor under its name here (layers.{i}.ffn.experts.w_in
+        [E, D, 2F], ..., the routers' expert_bias [E] in float32), sharded above 2 GiB;
+        `overwrite=True` replaces the model files of a folder that has them. format "hf": a
+        folder transformers loads, as the first Hugging Face family that expresses the model
+        (per-expert tensors under the published checkpoints' names); `family=`, `dtype=`,
+        `max_shard_bytes=`. kwargs go to the format's writer (moe.io.save_pretrained,
+        moe.io.hf.save_hf); an unknown format raises InputError.
+        """
+        checkpoint_format(format).save(self, directory, **kwargs)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **kwargs) -> Transformer:
-        """Load a folder written by `save_pretrained` (or a training checkpoint)."""
+        """The model in a folder written by `save_pretrained` (or a training checkpoint, also a
+        sharded one): the config from config.json, every tensor checked against the shape the
+        config gives it (misnamed, missing or misshapen: InputError naming it), exact round
+        trip. `device=`, `dtype=`: where and in what dtype to put the parameters (expert_bias
+        stays float32)."""
         return checkpoint_format("moe").load(directory, **kwargs)
 
     @classmethod
     def from_hf(cls, directory: str | Path, **kwargs) -> Transformer:
-        """Load a Hugging Face model folder (Mixtral, Qwen3-MoE, DeepSeek-V3, Ling 2.0)."""
+        """A Hugging Face model folder (config.json + safetensors; Mixtral, Qwen3-MoE,
+        DeepSeek-V3, Ling 2.0) -> model in eval mode whose logits [B, S, V] match transformers'.
+        Per-expert tensors are stacked into w_in [E, D, 2F] / w_out [E, F, D]. `dtype=` (default:
+        the checkpoint's), `device=`, `backend=` (the experts backend), `progress=`; see
+        moe.io.hf.load_hf."""
         return checkpoint_format("hf").load(directory, **kwargs)
 
 
 class CheckpointFormat(NamedTuple):
-    save: Callable[[Transformer, str | Path], None]
-    load: Callable[..., Transformer]
+    save: Callable[..., object]  # (model, directory, **options)
+    load: Callable[..., Transformer]  # (directory, **options)
 
 
 CHECKPOINT_FORMATS: dict[str, CheckpointFormat] = {}  # filled by moe.io: "moe" and "hf"
@@ -140,5 +196,5 @@ CHECKPOINT_FORMATS: dict[str, CheckpointFormat] = {}  # filled by moe.io: "moe" 
 
 def checkpoint_format(name: str) -> CheckpointFormat:
     if name not in CHECKPOINT_FORMATS:
-        raise ValueError(f"unknown checkpoint format {name!r} (expected one of {', '.join(CHECKPOINT_FORMATS)})")
+        raise InputError(f"unknown checkpoint format {name!r} (expected one of {', '.join(CHECKPOINT_FORMATS)})")
     return CHECKPOINT_FORMATS[name]

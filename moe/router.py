@@ -37,6 +37,16 @@ class Routing:
 
 
 class Router(nn.Module):
+    """x_TD [T, D] -> Routing; the gate weight [E, D] follows the model's dtype, the scores are fp32.
+
+    `expert_bias` [E] (with `MoEConfig.expert_bias`) stays float32 whatever the model's dtype:
+    `.to(torch.bfloat16)`, `.half()`, `.double()` and `.to(device, dtype)` move it but keep its
+    dtype (see `_apply`), because bf16 has 8 bits of mantissa and a bias near 0.5 takes steps
+    of 2**-9: an update of 1e-3 would round to nothing. It is saved and loaded as float32.
+    """
+
+    expert_bias: Tensor | None
+
     def __init__(self, config: MoEConfig, hidden_size: int):
         super().__init__()
         self.config = config
@@ -48,6 +58,16 @@ class Router(nn.Module):
         else:
             self.expert_bias = None
         nn.init.normal_(self.weight, std=0.02)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) (and .half(), .bfloat16(), ...) casts every floating buffer. The bias
+        # keeps its fp32 values: the converted tensor only tells us the device to move them to.
+        fp32_bias = self.expert_bias
+        super()._apply(fn, recurse)
+        moved = self.expert_bias
+        if fp32_bias is not None and moved is not None and moved.dtype != torch.float32:
+            self.expert_bias = moved.float() if fp32_bias.is_meta or moved.is_meta else fp32_bias.to(moved.device)
+        return self
 
     def forward(self, x_TD: Tensor) -> Routing:
         cfg = self.config

@@ -149,8 +149,10 @@ def test_layer_keeps_leading_shape_and_rejects_wrong_width():
         layer(torch.randn(3, 9))
 
 
-def test_layer_compiles_without_graph_breaks():
-    # bf16: the fake (meta) implementation of grouped_mm accepts bf16 only, as CUDA does.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_compiles_without_graph_breaks(dtype):
+    # fp32 runs moe::grouped_mm (torch's fake grouped_mm takes bf16 only), bf16 torch's own op.
+    # tests/test_compile.py (slow) holds inductor, the decoder and every gradient to eager.
     torch.manual_seed(0)
     layer = MoE(
         MoEConfig(
@@ -163,12 +165,46 @@ def test_layer_compiles_without_graph_breaks():
             capacity_factor=1.0,
         ),
         32,
-    ).bfloat16()
-    x = torch.randn(2, 12, 32, dtype=torch.bfloat16)
+    ).to(dtype)
+    x = torch.randn(2, 12, 32, dtype=dtype)
     expected = layer(x)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), expected)
     assert compiled.aux_loss.item() == layer.aux_loss.item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_grouped_mm_custom_op_passes_opcheck(dtype):
+    # The op torch.compile sees for dtypes other than bf16: schema, fake, autograd registration.
+    # Every row in a group: rows past offs[-1] come out unspecified (uninitialised), which opcheck
+    # would report as eager and traced runs that differ.
+    torch.manual_seed(0)
+    offs = torch.tensor([0, 5, 5, 17, 23], dtype=torch.int32)
+    a = torch.randn(23, 12, dtype=dtype, requires_grad=True)
+    b = torch.randn(5, 12, 8, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.moe.grouped_mm.default, (a, b, offs))
+    torch.library.opcheck(torch.ops.moe.grouped_mm_dw.default, (a.detach(), torch.randn(23, 8, dtype=dtype), offs))
+
+
+def test_grouped_mm_without_a_torch_kernel_runs_the_reference_loop(monkeypatch):
+    # Where torch has no grouped_mm kernel for the dtype (fp32 on CUDA), moe::grouped_mm computes
+    # the same function, forward and backward, with the eager loops (and one warning).
+    import moe.experts as experts
+
+    torch.manual_seed(0)
+    offs = torch.tensor([0, 5, 5, 17, 20], dtype=torch.int32)
+    a = torch.randn(23, 37, requires_grad=True)
+    b = torch.randn(5, 37, 19, requires_grad=True)
+    g = torch.randn(20, 19)
+    want = torch_grouped_mm(a, b, offs)[:20]
+    want_grads = torch.autograd.grad(want, (a, b), g)
+    monkeypatch.setattr(experts, "_native_takes", lambda a: False)
+    with pytest.warns(RuntimeWarning, match="eager loop"):
+        got = torch_grouped_mm(a, b, offs)[:20]
+        got_grads = torch.autograd.grad(got, (a, b), g)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad[:20], want_grad[:20], rtol=1e-5, atol=1e-5)
 
 
 def test_autocast_runs_the_grouped_gemm_in_the_autocast_dtype():

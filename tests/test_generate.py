@@ -3,6 +3,7 @@ import torch
 from train_helpers import micro_config
 
 from moe import Transformer
+from moe.errors import InputError
 from moe.generate import decode, generate, sample_next
 
 MLA = dict(
@@ -63,9 +64,9 @@ def test_sampling_is_reproducible_and_respects_top_k():
 
 def test_bad_prompts_are_refused():
     model = model_for("gqa", vocab_size=128)
-    with pytest.raises(ValueError, match=r"prompt token id 200 is outside the vocabulary \(vocab_size 128\)"):
+    with pytest.raises(InputError, match=r"prompt token id 200 is outside the vocabulary \(vocab_size 128\)"):
         generate(model, torch.tensor([[5, 200]]), 3)
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(InputError, match="at least one token"):
         generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
 
 

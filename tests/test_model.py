@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from moe import ModelConfig, MoE, MoEConfig, Transformer, layer_plan
+from moe.errors import InputError
 from moe.mlp import MLP
 from moe.rope import Rotary
 
@@ -138,7 +139,7 @@ def test_model_trains_a_step_and_every_parameter_gets_a_gradient():
 
 def test_input_ids_must_be_2d():
     model = Transformer(small())
-    with pytest.raises(ValueError, match=r"input_ids must be \[batch, tokens\]"):
+    with pytest.raises(InputError, match=r"input_ids must be \[batch, tokens\]"):
         model(torch.zeros(5, dtype=torch.long))
 
 

@@ -1,5 +1,5 @@
-"""`moe bench train|infer|layers --config C`: the command line of moe.perf.bench (what the
-figures mean is said there)."""
+"""`moe bench train|infer|layers --config NAME_OR_PATH` (or `moe bench train PATH`): the command
+line of moe.perf.bench (what the figures mean is said there)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import torch
 from ..config import load_config
 from ..device import pick_device
 from ..perf import device_peaks, results, timing
-from ..perf.bench import run_infer, run_layers, run_train, with_backend
+from ..perf.bench import check_backend, run_infer, run_layers, run_train, with_backend
+from .configs import add_config_argument, config_spec
 from .errors import UserError
+from .flags import nonnegative_int, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,12 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ]
     for name, help_text, add, run in specs:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", required=True, help="model config (YAML or JSON)")
+        add_config_argument(p)
         add(p)
         p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
         p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
-        p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2 on GPU, 5 on CPU)")
-        p.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported (default 5)")
+        p.add_argument(
+            "--warmup", type=nonnegative_int, default=None, help="untimed calls first (default 2 on GPU, 5 on CPU)"
+        )
+        p.add_argument(
+            "--repeats", type=positive_int, default=5, help="timed calls; the median is reported (default 5)"
+        )
         p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
         p.add_argument("--save", action="store_true", help="write <results-dir>/<device>/<bench>-<config>.json")
         p.add_argument("--results-dir", default=None, help=f"default {results.DEFAULT_RESULTS_DIR}")
@@ -36,34 +42,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: max_seq_len)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (default: max_seq_len)")
     p.add_argument("--backend", default=None, help="override the config's expert backend (eager, torch, triton)")
 
 
 def _infer_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=4, help="prompts decoded together (default 4)")
-    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default: min(128, max_seq_len))")
-    p.add_argument("--new-tokens", type=int, default=16, help="tokens decoded after the prompt (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="prompts decoded together (default 4)")
+    p.add_argument(
+        "--prompt-len", type=positive_int, default=None, help="prompt tokens (default: min(128, max_seq_len))"
+    )
+    p.add_argument("--new-tokens", type=positive_int, default=16, help="tokens decoded after the prompt (default 16)")
     p.add_argument("--backend", default=None, help="override the config's expert backend (eager, torch, triton)")
 
 
 def _layers_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per call (default 4)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: max_seq_len)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per call (default 4)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (default: max_seq_len)")
     p.add_argument(
         "--backends", default=None, help="expert backends, comma-separated (default: eager,torch and triton on GPUs)"
     )
 
 
 def main(args: argparse.Namespace) -> int:
-    for key in ("batch_size", "seq_len", "prompt_len", "new_tokens", "repeats"):
-        value = getattr(args, key, None)
-        if value is not None and value <= 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be positive, got {value}")
-    config = load_config(args.config)
+    spec = config_spec(args)
+    config = load_config(spec)
     if getattr(args, "backend", None):
         config = with_backend(config, args.backend)
+    if getattr(args, "backends", None):
+        for backend in args.backends.split(","):
+            check_backend(backend, "--backends")  # here, before any timing, as well as in run_layers
     device = pick_device(args.device)
     dtype = timing.pick_dtype(args.dtype, device)
     if args.warmup is None:
@@ -89,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
     result = results.record(
         args._bench_name,
         env,
-        {"name": config.name, "path": str(args.config)},
+        {"name": config.name, "path": str(spec)},
         {"dtype": dtype, "warmup": args.warmup, "repeats": args.repeats, **settings},
         figures,
     )

@@ -1,10 +1,9 @@
-"""`moe calibrate CONFIG`: the command line of moe.perf.calibrate (what is measured and what
-is projected is said there)."""
+"""`moe calibrate --config NAME_OR_PATH` (or `moe calibrate PATH`): the command line of
+moe.perf.calibrate (what is measured and what is projected is said there)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import asdict
 
 import torch
@@ -13,6 +12,7 @@ from tqdm import tqdm
 from ..config import load_config
 from ..device import pick_device
 from ..perf import components, device_peaks, flops, results, timing
+from ..perf.bench import with_backend
 from ..perf.calibrate import (
     CPU_MIN_WIDTH,
     CPU_SCALE,
@@ -23,55 +23,62 @@ from ..perf.calibrate import (
     time_layer,
 )
 from ..perf.projection import Cluster, Component, ModelShape, project, training_run
+from .configs import add_config_argument, config_spec
 from .errors import UserError
+from .flags import fraction, nonnegative_int, positive_float, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="a full-size model config, e.g. configs/full/deepseek-v3.yaml")
+    add_config_argument(parser)  # a full-size model: deepseek-v3, ling-1t, configs/full/*.yaml
     m = parser.add_argument_group("measurement")
     m.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     m.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
-    m.add_argument("--seq-len", type=int, default=None, help="training context (default: the config's max_seq_len)")
-    m.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward (default 1)")
+    m.add_argument(
+        "--seq-len", type=positive_int, default=None, help="training context (default: the config's max_seq_len)"
+    )
+    m.add_argument("--micro-batch", type=positive_int, default=1, help="sequences per GPU per forward (default 1)")
     m.add_argument(
         "--scale",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"time layers at width / SCALE and extrapolate by FLOPs (default: 1 on GPU; on CPU "
         f"{CPU_SCALE}, or less to keep the hidden size >= {CPU_MIN_WIDTH})",
     )
     m.add_argument(
         "--timed-seq-len",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"sequence length actually timed (default: --seq-len on GPU, {CPU_TIMED_SEQ} on CPU)",
     )
     m.add_argument("--backend", default=None, help="override the config's expert backend (eager, torch, triton)")
-    m.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2 on GPU, 5 on CPU)")
-    m.add_argument("--repeats", type=int, default=5)
+    m.add_argument(
+        "--warmup", type=nonnegative_int, default=None, help="untimed calls first (default 2 on GPU, 5 on CPU)"
+    )
+    m.add_argument("--repeats", type=positive_int, default=5)
     c = parser.add_argument_group("cluster (all assumptions; printed with the projection)")
-    c.add_argument("--gpus", type=int, default=2048)
-    c.add_argument("--gpus-per-node", type=int, default=8)
-    c.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default: min(8, experts))")
-    c.add_argument("--nvlink-gbps", type=float, default=450.0, help="GB/s per GPU and direction inside a node")
-    c.add_argument("--ib-gbps", type=float, default=50.0, help="GB/s per GPU between nodes (400 Gb/s = 50)")
-    c.add_argument("--overlap", type=float, default=0.0, help="share of communication hidden under compute, 0-1")
-    c.add_argument("--a2a-bytes", type=float, default=2.0, help="bytes per element in the all-to-all (bf16 2, fp8 1)")
-    c.add_argument("--global-batch-tokens", type=float, default=15360 * 4096)
+    c.add_argument("--gpus", type=positive_int, default=2048)
+    c.add_argument("--gpus-per-node", type=positive_int, default=8)
+    c.add_argument("--ep", type=positive_int, default=None, help="expert-parallel degree (default: min(8, experts))")
+    c.add_argument("--nvlink-gbps", type=positive_float, default=450.0, help="GB/s per GPU and direction inside a node")
+    c.add_argument("--ib-gbps", type=positive_float, default=50.0, help="GB/s per GPU between nodes (400 Gb/s = 50)")
+    c.add_argument("--overlap", type=fraction, default=0.0, help="share of communication hidden under compute, 0-1")
+    c.add_argument(
+        "--a2a-bytes", type=positive_float, default=2.0, help="bytes per element in the all-to-all (bf16 2, fp8 1)"
+    )
+    c.add_argument("--global-batch-tokens", type=positive_float, default=15360 * 4096)
     r = parser.add_argument_group("training run")
-    r.add_argument("--tokens", type=float, default=1e12, help="training tokens (default 1e12)")
-    r.add_argument("--price", type=float, default=2.0, help="$ per GPU-hour (default 2.0, DeepSeek-V3's rate)")
+    r.add_argument("--tokens", type=positive_float, default=1e12, help="training tokens (default 1e12)")
+    r.add_argument("--price", type=positive_float, default=2.0, help="$ per GPU-hour (default 2.0, DeepSeek-V3's rate)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--save", action="store_true", help="write <results-dir>/<device>/calibrate-<name>.json")
     parser.add_argument("--results-dir", default=None, help=f"default {results.DEFAULT_RESULTS_DIR}")
 
 
 def main(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    spec = config_spec(args)
+    config = load_config(spec)
     if args.backend:
-        if config.moe is None:
-            raise ValueError(f"--backend {args.backend}: config {config.name!r} has no MoE layers")
-        config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, backend=args.backend))
+        config = with_backend(config, args.backend)
     device = pick_device(args.device)
     dtype = timing.pick_dtype(args.dtype, device)
     if args.warmup is None:
@@ -80,8 +87,15 @@ def main(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or config.max_seq_len
     scale = args.scale or (1 if on_gpu else max(1, min(CPU_SCALE, config.hidden_size // CPU_MIN_WIDTH)))
     timed_seq = args.timed_seq_len or (seq_len if on_gpu else min(seq_len, CPU_TIMED_SEQ))
+    # The flags' types refused zero and negatives; what is left to check depends on the config.
+    if scale > config.hidden_size:
+        raise UserError(f"--scale {scale} is more than the hidden size {config.hidden_size}: no width would be left")
+    if timed_seq > seq_len:
+        raise UserError(f"--timed-seq-len {timed_seq} is longer than the training context --seq-len {seq_len}")
     counts = components.layer_counts(config)
-    ep = args.ep or (min(8, config.moe.num_experts) if config.moe else 1)
+    ep = args.ep if args.ep is not None else (min(8, config.moe.num_experts) if config.moe else 1)
+    if args.ep is not None and config.moe is not None and config.moe.num_experts % ep:
+        raise UserError(f"--ep {ep} must divide the {config.moe.num_experts} experts of {config.name}")
     cluster = Cluster(
         args.gpus,
         args.gpus_per_node,
@@ -92,10 +106,6 @@ def main(args: argparse.Namespace) -> int:
         args.a2a_bytes,
         global_batch_tokens=args.global_batch_tokens,
     )
-    for key in ("micro_batch", "scale", "timed_seq_len", "tokens", "price"):
-        value = getattr(args, key)
-        if value is not None and value <= 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be positive, got {value}")
 
     timed_config = components.scale_config(config, scale)
     env = results.environment(device)
@@ -157,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
     result = results.record(
         "calibrate",
         env,
-        {"name": config.name, "path": str(args.config)},
+        {"name": config.name, "path": str(spec)},
         settings,
         {
             "kind": "projection",
@@ -176,7 +186,7 @@ def main(args: argparse.Namespace) -> int:
     results.publish(
         result,
         f"calibrate-{config.name}",
-        lambda r: _print(r, config.name, args.config),
+        lambda r: _print(r, config.name, spec),
         args.json,
         args.save,
         args.results_dir,

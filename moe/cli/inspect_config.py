@@ -1,4 +1,5 @@
-"""`moe inspect CONFIG`: sizes of a model without building its weights (meta device)."""
+"""`moe inspect --config NAME_OR_PATH` (or `moe inspect PATH`): sizes of a model without building
+its weights (meta device)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,21 @@ import json
 from ..config import load_config
 from ..model import layer_plan
 from ..perf import flops
+from .configs import add_config_argument, config_spec, human, routing
+from .flags import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="model config (YAML or JSON)")
-    parser.add_argument("--seq-len", type=int, default=None, help="context for attention FLOPs (default: max_seq_len)")
+    add_config_argument(parser)
+    parser.add_argument(
+        "--seq-len", type=positive_int, default=None, help="context for attention FLOPs (default: max_seq_len)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def main(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    spec = config_spec(args)
+    config = load_config(spec)
     counts = flops.count(config, args.seq_len)
     plan = layer_plan(config)
     report = {
@@ -35,35 +41,22 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    moe = config.moe
     rows = [
-        ("model", f"{config.name} ({args.config})"),
+        ("model", f"{config.name} ({spec})"),
         ("layers", f"{config.num_layers} ({plan.count(False)} dense, {plan.count(True)} MoE)"),
     ]
-    if moe is not None and any(plan):
-        routing = f"{moe.num_experts} routed, top-{moe.top_k}, {moe.score_func}"
-        if moe.num_shared_experts:
-            routing += f", {moe.num_shared_experts} shared"
-        if moe.n_group > 1:
-            routing += f", {moe.n_group} groups keep {moe.topk_group}"
-        rows.append(("experts", routing))
+    if any(plan):
+        rows.append(("experts", routing(config)))
     rows += [
-        ("params total", _human(counts.params_total)),
-        ("params active", f"{_human(counts.params_active)} ({counts.params_active / counts.params_total:.1%})"),
+        ("params total", human(counts.params_total)),
+        ("params active", f"{human(counts.params_active)} ({counts.params_active / counts.params_total:.1%})"),
         (
             "train FLOPs/token",
             f"{counts.train_flops_per_token:.4g} (6 x active matmul params + attention at context {counts.seq_len})",
         ),
-        ("weights", ", ".join(f"{d} {_human(b, 'B')}" for d, b in report["weight_bytes"].items())),
+        ("weights", ", ".join(f"{d} {human(b, 'B')}" for d, b in report["weight_bytes"].items())),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
-
-
-def _human(n: float, unit: str = "") -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.2f} {suffix}{unit}".rstrip()
-    return f"{n:.0f} {unit}".rstrip()

@@ -1,5 +1,8 @@
-"""`moe train --config CONFIG [--steps N] [--out DIR] [--resume DIR] ...`: a thin wrapper over
-`moe.train.run`. Each field of `TrainArgs` is a flag (`--batch-size` for batch_size)."""
+"""`moe train [--config CONFIG] [--steps N] [--out DIR] [--resume DIR] ...`: a thin wrapper over
+`moe.train.run`. Each field of `TrainArgs` is a flag (`--batch-size` for batch_size).
+
+Without --config it trains the shipped `tiny`, or, with --resume, the config the checkpoint
+was trained with."""
 
 from __future__ import annotations
 
@@ -9,13 +12,20 @@ import os
 import typing
 
 from ..config import load_config
+from ..shipped_configs import DEFAULT_CONFIG
 from ..train import TrainArgs, run
+from ..train.resume import checkpoint_config
 
 METAVARS = {"out": "DIR", "resume": "DIR", "data": "PATH", "time_limit": "SECONDS"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="model config (YAML or JSON)")
+    parser.add_argument(
+        "--config",
+        metavar="CONFIG",
+        help=f"model config: a shipped name (tiny, deepseek-v3-mini, ...) or a YAML / JSON file (default: "
+        f"{DEFAULT_CONFIG}; with --resume, the checkpoint's)",
+    )
     hints = typing.get_type_hints(TrainArgs)
     for f in dataclasses.fields(TrainArgs):
         flag, hint, help_text = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata["help"]
@@ -29,10 +39,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    # The flags first: they are checked without reading a file.
     train_args = TrainArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs)})
+    if args.config is not None:
+        config = load_config(args.config)
+    elif train_args.resume:
+        config = checkpoint_config(train_args.resume)
+    else:
+        config = load_config(DEFAULT_CONFIG)
     summary = run(config, train_args)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary rather than one per rank
+        if summary["stopped_by"] == "time_limit":  # one line, before the summary, so it is not missed
+            print(
+                f"stopped by --time-limit {train_args.time_limit:g} s at step {summary['step']} of "
+                f"{summary['steps']}; the checkpoint is saved: --resume {summary['run_dir']} with the same flags "
+                f"continues it"
+            )
         print_summary(summary)
     return 0
 

@@ -43,6 +43,7 @@ from torch.profiler import record_function
 
 from ..dispatch import DispatchPlan, permute, unpermute
 from ..dispatcher import Dispatched, Dispatcher
+from ..errors import InputError
 from ..experts import Experts
 
 # --------------------------------------------------------------------------- collectives with a backward
@@ -89,7 +90,7 @@ class AllToAllDispatcher(Dispatcher):
         self.ep_group = ep_group
         self.ep_size, self.ep_rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
         if num_experts % self.ep_size:
-            raise ValueError(f"num_experts = {num_experts} is not divisible by --ep {self.ep_size}")
+            raise InputError(f"num_experts = {num_experts} is not divisible by --ep {self.ep_size}")
         self.num_local = num_experts // self.ep_size
         self.first_expert = self.ep_rank * self.num_local
 

@@ -6,7 +6,10 @@ Saving is atomic: rank 0 creates step_X.tmp; every rank writes its files there; 
 gathers their checksums and RNG states, writes trainer.json and renames the folder to
 step_X (the commit point) after everyone has finished: moe.io.checkpoint's commit routine,
 the one a single process uses. `load_sharded` resumes on the same layout (each rank reads its
-own files).
+own files). Every file is read through moe.io's checks: regular files inside the folder,
+trainer.json and every rank's file matching their checksums, layouts that fit their tensors.
+A rank whose write fails (disk full) raises the OSError; the temporary folder it leaves is
+cleared by the next save (begin_checkpoint), and the previous checkpoints stay loadable.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
+from ..errors import InputError
 from ..io.checkpoint import begin_checkpoint, checkpoint_folders, commit_checkpoint
-from ..io.files import TRAINER_FILE, checked_bytes, read_json, sha256, write_atomic
+from ..io.files import checked_bytes, read_trainer_state, sha256, write_atomic
 from ..io.sharded import Slice, decode, encode, file_names
 from .mesh import ParallelContext
 from .parallelize import expert_rows
@@ -134,11 +138,11 @@ def load_sharded(
     """Restore this rank's slices (same layout as the save); returns trainer.json with this
     rank's RNG state under "rng"."""
     path = Path(path)
-    state = read_json(path / TRAINER_FILE)
+    state = read_trainer_state(path)
     saved = state.get("parallel")
     if saved != ctx.describe():
         where = f"on {saved['world']} ranks (dp {saved['dp']} x ep {saved['ep']})" if saved else "by one process"
-        raise ValueError(
+        raise InputError(
             f"{path} was saved {where}; this run has {ctx.world_size} ranks (dp {ctx.dp} x ep "
             f"{ctx.ep}): resume with the same torchrun --nproc-per-node and --ep"
         )
@@ -150,7 +154,7 @@ def load_sharded(
         for key, tensor in tensors.items():
             name, _, state_key = key.rpartition(".")
             if name not in params:
-                raise ValueError(f"{path / optimizer_file} holds optimizer state for '{name}', which the model lacks")
+                raise InputError(f"{path / optimizer_file} holds optimizer state for '{name}', which the model lacks")
             param, expected = params[name]
             if layout[key]["start"] is not None:
                 _check_layout(path / optimizer_file, key, layout[key], tensor, expected)
@@ -170,20 +174,25 @@ def _restore(path: Path, data: bytes, expected: dict[str, Slice]) -> None:
     tensors, layout = decode(path, data)
     for name, piece in expected.items():
         if name not in tensors:
-            raise ValueError(f"{path} has no tensor '{name}': it was saved from another config")
+            raise InputError(f"{path} has no tensor '{name}': it was saved from another config")
         _check_layout(path, name, layout[name], tensors[name], piece)
         with torch.no_grad():
             piece[0].copy_(tensors[name])  # this rank's slice: writes through to the sharded parameter
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise ValueError(f"{path} has tensor '{extra[0]}' that the model does not: it was saved from another config")
+        raise InputError(f"{path} has tensor '{extra[0]}' that the model does not: it was saved from another config")
 
 
 def _check_layout(path: Path, name: str, saved: dict[str, Any], tensor: Tensor, expected: Slice) -> None:
     local, shape, start = expected
-    if saved != {"shape": shape, "start": start} or tensor.shape != local.shape:
-        raise ValueError(
-            f"{path}: tensor '{name}' was saved as {saved} (here {tuple(tensor.shape)}), but this rank "
-            f"holds {tuple(local.shape)} of shape {shape} from row {start}: it was saved from another "
-            f"config or layout"
+    if saved != {"shape": shape, "start": start} or tensor.shape != local.shape or not _same_kind(tensor, local):
+        raise InputError(
+            f"{path}: tensor '{name}' was saved as {saved} (here {tuple(tensor.shape)} {tensor.dtype}), but this "
+            f"rank holds {tuple(local.shape)} {local.dtype} of shape {shape} from row {start}: it was saved from "
+            f"another config or layout"
         )
+
+
+def _same_kind(tensor: Tensor, local: Tensor) -> bool:
+    """Any float loads into a float (an F32 header retyped I32 would load its bits as integers)."""
+    return tensor.dtype == local.dtype or (tensor.is_floating_point() and local.is_floating_point())

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from ..errors import InputError
+
 
 @dataclass
 class ParallelContext:
@@ -71,9 +73,9 @@ def rank_device(name: str = "auto") -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise InputError(f"device {name!r} requested but CUDA is not available")
     if name not in ("auto", "cuda"):
-        raise ValueError(f"under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda or auto, not {name!r}")
+        raise InputError(f"under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda or auto, not {name!r}")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(device)
     return device
@@ -95,7 +97,7 @@ def init_parallel(ep: int, device: str = "auto", timeout_s: float = 600.0) -> Pa
 
 def check_layout(world: int, ep: int) -> None:
     if ep < 1 or world % ep:
-        raise ValueError(f"--ep {ep} must divide the number of processes ({world})")
+        raise InputError(f"--ep {ep} must divide the number of processes ({world})")
 
 
 def make_context(ep: int, device: torch.device) -> ParallelContext:

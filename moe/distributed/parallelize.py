@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..layer import MoE
 from .all_to_all import AllToAllDispatcher
 from .mesh import ParallelContext
@@ -28,7 +29,7 @@ def shard_experts(model: nn.Module, ctx: ParallelContext) -> None:
             continue
         num_experts = layer.config.num_experts
         if num_experts % ctx.ep:
-            raise ValueError(f"layer '{name}': num_experts = {num_experts} is not divisible by --ep {ctx.ep}")
+            raise InputError(f"layer '{name}': num_experts = {num_experts} is not divisible by --ep {ctx.ep}")
         layer.scope = ProcessGroupScope(ctx.world_group)
         if ctx.ep > 1:
             dispatcher = AllToAllDispatcher(num_experts, ctx.ep_group)

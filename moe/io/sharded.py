@@ -18,7 +18,9 @@ layout of its tensors in its safetensors metadata, under "layout":
 writes its copy, and a reader checks that the copies agree.
 
 `read_full_model` assembles the full tensors in one process, so from_pretrained and
-`moe generate` read a sharded checkpoint like any other; it needs no torch.distributed.
+`moe generate` read a sharded checkpoint like any other; it needs no torch.distributed. The
+layout is untrusted input: every rank's rows must tile each tensor exactly (checked before the
+full tensor is allocated, so a layout that claims a huge shape allocates nothing).
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .files import TRAINER_FILE, checked_bytes, read_json, read_safetensors
+from ..errors import InputError, excerpt
+from .files import checked_bytes, read_safetensors, read_trainer_state, safetensors_metadata
 
 Slice = tuple[Tensor, list[int], "int | None"]  # (this rank's tensor, full shape, first row or None)
 
@@ -49,18 +51,44 @@ def encode(slices: dict[str, Slice]) -> bytes:
 
 
 def decode(path: Path, data: bytes) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, layout) of one rank's file, from the bytes that were checksummed (never reopened)."""
     tensors = read_safetensors(path, data)  # checks that the bytes are a whole safetensors file
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-    if "layout" not in metadata:
-        raise ValueError(f"{path}: no 'layout' in its metadata: not a shard of a sharded checkpoint")
-    return tensors, json.loads(metadata["layout"])
+    try:
+        layout = json.loads(safetensors_metadata(data)["layout"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise InputError(f"{path}: no readable 'layout' in its metadata: not a shard of a sharded checkpoint") from None
+    if not isinstance(layout, dict):
+        raise InputError(f"{path}: its 'layout' metadata is not a map of tensor names")
+    for name, tensor in tensors.items():
+        _check_entry(path, name, layout.get(name), tensor)
+    return tensors, layout
 
 
-def read_full_model(directory: str | Path) -> dict[str, Tensor]:
-    """Full weights of a sharded checkpoint, assembled in this process from every rank's file."""
+def _check_entry(path: Path, name: str, entry: object, tensor: Tensor) -> None:
+    """A layout entry is {"shape": [ints >= 0], "start": row or null} and agrees with the tensor."""
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    start = entry.get("start") if isinstance(entry, dict) else None
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        ok = False
+    elif start is None:  # held whole by every rank
+        ok = list(tensor.shape) == shape
+    elif isinstance(start, int) and not isinstance(start, bool) and start >= 0:  # rows start.. of the full tensor
+        ok = tensor.dim() == len(shape) > 0 and list(tensor.shape[1:]) == shape[1:] and start + len(tensor) <= shape[0]
+    else:
+        ok = False
+    if not ok:
+        raise InputError(
+            f"{path}: layout of tensor '{name}' is {excerpt(entry)}, which does not fit its shape {list(tensor.shape)}"
+        )
+
+
+def read_full_model(directory: str | Path, state: dict[str, Any] | None = None) -> dict[str, Tensor]:
+    """Full weights of a sharded checkpoint, assembled in this process from every rank's file
+    (state: its trainer.json, from read_trainer_state; read here when not given)."""
     directory = Path(directory)
-    state = read_json(directory / TRAINER_FILE)
+    state = read_trainer_state(directory) if state is None else state
+    if "parallel" not in state:
+        raise InputError(f"{directory}: not a sharded checkpoint (no 'parallel' layout in its trainer.json)")
     world = state["parallel"]["world"]
     pieces: dict[str, list[tuple[int, Tensor]]] = {}
     shapes: dict[str, list[int]] = {}
@@ -71,21 +99,23 @@ def read_full_model(directory: str | Path) -> dict[str, Tensor]:
         for key, tensor in tensors.items():
             if layout[key]["start"] is None:
                 if key in full and not torch.equal(full[key], tensor):
-                    raise ValueError(f"{directory / name}: its copy of '{key}' differs from rank 0's")
+                    raise InputError(f"{directory / name}: its copy of '{key}' differs from rank 0's")
                 full.setdefault(key, tensor)
             else:
+                if shapes.setdefault(key, layout[key]["shape"]) != layout[key]["shape"]:
+                    raise InputError(f"{directory / name}: shape of '{key}' differs from the other ranks' files")
                 pieces.setdefault(key, []).append((layout[key]["start"], tensor))
-                shapes[key] = layout[key]["shape"]
     for key, parts in pieces.items():
-        out = torch.empty(shapes[key], dtype=parts[0][1].dtype)
+        parts.sort(key=lambda p: p[0])
         row = 0
-        for start, tensor in sorted(parts, key=lambda p: p[0]):
+        for start, tensor in parts:  # the rows must tile the tensor before it is allocated
             if start != row:
                 where = "in no rank's file" if start > row else "in two ranks' files"
-                raise ValueError(f"{directory}: rows {min(row, start)}..{max(row, start) - 1} of '{key}' are {where}")
-            out[start : start + tensor.shape[0]] = tensor
+                raise InputError(f"{directory}: rows {min(row, start)}..{max(row, start) - 1} of '{key}' are {where}")
+            if tensor.dtype != parts[0][1].dtype:
+                raise InputError(f"{directory}: the ranks' pieces of '{key}' differ in dtype")
             row = start + tensor.shape[0]
-        if row != out.shape[0]:
-            raise ValueError(f"{directory}: rows {row}..{out.shape[0] - 1} of '{key}' are in no rank's file")
-        full[key] = out
+        if row != shapes[key][0]:
+            raise InputError(f"{directory}: rows {row}..{shapes[key][0] - 1} of '{key}' are in no rank's file")
+        full[key] = torch.cat([tensor for _, tensor in parts])
     return full

@@ -1,8 +1,8 @@
 """`moe bench train|infer|layers --config C`: what this device really does on a model.
 
-    moe bench train  --config configs/deepseek-v3-mini.yaml   # forward + backward + AdamW step
-    moe bench infer  --config configs/tiny.yaml                # prefill and KV-cached decode
-    moe bench layers --config configs/qwen3-moe-mini.yaml      # each layer, MoE per expert backend
+    moe bench train  --config deepseek-v3-mini   # forward + backward + AdamW step
+    moe bench infer  --config tiny               # prefill and KV-cached decode
+    moe bench layers --config qwen3-moe-mini     # each layer, MoE per expert backend
 
 Figures: tokens/s = tokens per call / median call time (warm-up excluded); achieved TFLOP/s =
 tokens/s x FLOPs per token (moe/perf/flops.py: 6 x active matmul params + causal attention for
@@ -15,10 +15,13 @@ not in these numbers. `--save` writes bench/results/<device>/<bench>-<config>.js
 from __future__ import annotations
 
 import dataclasses
+from typing import get_args
 
 import torch
 
-from ..config import ModelConfig
+from ..config import Backend, ModelConfig
+from ..errors import InputError, excerpt
+from ..extras import require
 from ..model import Transformer
 from ..train.args import TrainArgs
 from ..train.step import build_model, build_optimizer, train_step
@@ -29,15 +32,27 @@ TRAIN_BYTES_PER_PARAM = 16
 
 
 def with_backend(config: ModelConfig, backend: str) -> ModelConfig:
+    """`config` with its MoE layers on expert backend `backend`, a name the user gave (--backend)."""
+    check_backend(backend, "--backend")
     if config.moe is None:
-        raise ValueError(f"--backend {backend}: config {config.name!r} has no MoE layers")
+        raise InputError(f"--backend {backend}: config {config.name!r} has no MoE layers")
     return dataclasses.replace(config, moe=dataclasses.replace(config.moe, backend=backend))
+
+
+def check_backend(backend: str, flag: str) -> None:
+    """Refuse an unknown backend. One asked for by name must not fall back unseen either: the
+    "triton" backend runs torch's path where Triton is missing, and a bench would label that Triton."""
+    known = get_args(Backend)
+    if backend not in known:
+        raise InputError(f"{flag}: unknown expert backend {excerpt(backend)} (expected {', '.join(known)})")
+    if backend == "triton":
+        require("triton", f"{flag} triton")
 
 
 def _check_fits(needed_bytes: float, device: torch.device, what: str) -> None:
     capacity = timing.memory_capacity(device)
     if capacity is not None and needed_bytes > capacity:
-        raise ValueError(
+        raise InputError(
             f"{what} needs about {needed_bytes / 2**30:.1f} GiB but {device.type} has "
             f"{capacity / 2**30:.1f} GiB: use a -mini config, or `moe calibrate` for full-size models"
         )
@@ -69,7 +84,7 @@ def run_train(args, config: ModelConfig, device: torch.device, dtype: str) -> tu
     torch.manual_seed(0)
     model = build_model(config, device)  # fp32 master weights; matmuls in `dtype` under autocast
     # moe train's defaults (gradient clip 1.0, one micro-batch); the lr does not change the time.
-    train_args = TrainArgs(batch_size=args.batch_size, seq_len=seq, lr=1e-4)
+    train_args = TrainArgs(batch_size=args.batch_size, seq_len=seq, lr=1e-4, min_lr=1e-5)
     opt = build_optimizer(model, train_args, fused=device.type == "cuda")
     ids = torch.randint(config.vocab_size, (args.batch_size, seq + 1), device=device)  # [B, S + 1]
     batch = _FixedBatch(ids[:, :-1], ids[:, 1:])  # inputs, and targets: the inputs shifted by one
@@ -165,8 +180,7 @@ def run_layers(args, config: ModelConfig, device: torch.device, dtype: str) -> t
         else ["eager", "torch"] + (["triton"] if device.type == "cuda" else [])
     )
     for b in backends:
-        if b not in ("eager", "torch", "triton"):
-            raise ValueError(f"--backends: unknown expert backend {b!r} (expected eager, torch, triton)")
+        check_backend(b, "--backends")
     counts = components.layer_counts(config)
     jobs = [(kind, None) for kind in ("attention", "dense", "head") if counts[kind]]
     jobs += [("moe", b) for b in backends] if counts["moe"] else []

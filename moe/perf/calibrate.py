@@ -1,8 +1,8 @@
-"""`moe calibrate CONFIG`: time a full-size model's layers on this device and project the cost
-of training it on a cluster, beside the published and claimed figures.
+"""`moe calibrate --config CONFIG`: time a full-size model's layers on this device and project the
+cost of training it on a cluster, beside the published and claimed figures.
 
-    moe calibrate configs/full/deepseek-v3.yaml --ep 64 --gpus 2048 --tokens 14.8e12
-    moe calibrate configs/full/ling-1t.yaml --json --save
+    moe calibrate --config deepseek-v3 --ep 64 --gpus 2048 --tokens 14.8e12
+    moe calibrate --config ling-1t --json --save
 
 Measured: one attention block, one MoE layer as one expert-parallel rank runs it (E/P local
 experts, see moe/perf/components.py), one dense FFN layer, the embedding + LM head + loss; each

@@ -37,6 +37,7 @@ from ..attention import Attention, MLAttention
 from ..config import ModelConfig, MoEConfig
 from ..dispatch import DispatchPlan, permute, unpermute
 from ..dispatcher import Dispatched, Dispatcher
+from ..errors import InputError
 from ..experts import Experts
 from ..layer import MoE
 from ..mlp import MLP
@@ -71,7 +72,7 @@ class RankMoE(MoE):
 
     def __init__(self, config: MoEConfig, hidden_size: int, ep_degree: int, device: torch.device | str):
         if ep_degree < 1 or config.num_experts % ep_degree:
-            raise ValueError(f"expert-parallel degree {ep_degree} must divide num_experts ({config.num_experts})")
+            raise InputError(f"expert-parallel degree {ep_degree} must divide num_experts ({config.num_experts})")
         with torch.device("meta"):
             super().__init__(config, hidden_size)
             local = dataclasses.replace(
@@ -140,7 +141,7 @@ def build(kind: str, config: ModelConfig, ep_degree: int = 1, device: torch.devi
     """One component with random weights on `device` (fp32; cast it for other dtypes)."""
     if kind == "moe":
         if config.moe is None:
-            raise ValueError(f"config {config.name!r} has no MoE layers")
+            raise InputError(f"config {config.name!r} has no MoE layers")
         return FFNPart(config, RankMoE(config.moe, config.hidden_size, ep_degree, device)).to(device)
     with torch.device(device):
         if kind == "attention":
@@ -210,7 +211,7 @@ def scale_config(config: ModelConfig, factor: int) -> ModelConfig:
     head_dim = config.head_dim or config.dim_per_head  # keep per-head widths
     return dataclasses.replace(
         config,
-        name=f"{config.name}/{factor}",
+        name=f"{config.name}.div{factor}"[:128],  # a config name: letters, digits, "_.+-" (at most 128)
         vocab_size=cut(config.vocab_size),
         hidden_size=cut(config.hidden_size),
         num_heads=heads,

@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from ..errors import InputError
+
 SECONDS_PER_HOUR = 3600.0
 SECONDS_PER_DAY = 86400.0
 
@@ -57,11 +59,11 @@ class Cluster:
             "global_batch_tokens",
         ):
             if not getattr(self, key) > 0:
-                raise ValueError(f"{key} must be positive, got {getattr(self, key)!r}")
+                raise InputError(f"{key} must be positive, got {getattr(self, key)!r}")
         if not 0.0 <= self.overlap <= 1.0:
-            raise ValueError(f"overlap must be in [0, 1], got {self.overlap!r}")
+            raise InputError(f"overlap must be in [0, 1], got {self.overlap!r}")
         if self.gpus % self.ep_degree:
-            raise ValueError(f"expert-parallel degree {self.ep_degree} must divide the GPU count {self.gpus}")
+            raise InputError(f"expert-parallel degree {self.ep_degree} must divide the GPU count {self.gpus}")
 
     @property
     def tokens_per_gpu_step(self) -> float:

@@ -121,15 +121,15 @@ def publish(
     save_result: bool,
     results_dir: str | Path | None = None,
 ) -> None:
-    """What every bench command does with its record: print it (JSON, or the bench's own table)
-    and, when asked, save it as <name>.json, saying where unless the output is JSON."""
+    """What every bench command does with its record: when asked, save it as <name>.json; then
+    print it (JSON, or the bench's own table), saying where it was saved unless the output is JSON.
+    Saving comes first: a save that fails (disk full, no permission) prints no result to stdout."""
+    path = save(result, name, results_dir) if save_result else None
     if as_json:
         print(json.dumps(result, indent=2))
     else:
         print_table(result)
-    if save_result:
-        path = save(result, name, results_dir)
-        if not as_json:
+        if path is not None:
             print(f"saved {path}")
 
 

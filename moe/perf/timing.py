@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError, excerpt
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -32,7 +34,7 @@ def pick_dtype(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if name not in DTYPES:
-        raise ValueError(f"--dtype {name!r}: expected one of auto, {', '.join(DTYPES)}")
+        raise InputError(f"--dtype {excerpt(name)}: expected one of auto, {', '.join(DTYPES)}")
     return name
 
 
@@ -84,7 +86,7 @@ class Timing:
 def measure(fn: Callable[[], Any], device: torch.device, warmup: int = 2, repeats: int = 5) -> Timing:
     """Time `fn` after `warmup` untimed calls: median and 20/80th percentiles of `repeats` calls."""
     if warmup < 0 or repeats < 1:
-        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+        raise InputError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
     if device.type == "cuda":
         return _measure_cuda(fn, device, warmup, repeats)
     for _ in range(warmup):

@@ -24,6 +24,7 @@ from ..distributed.checkpoint import load_sharded, save_sharded
 from ..distributed.fsdp import apply_fsdp, clip_grad_norm_
 from ..distributed.mesh import init_parallel
 from ..distributed.parallelize import shard_experts
+from ..errors import InputError
 from .args import TrainArgs
 from .runtime import Runtime
 from .step import eval_sums
@@ -34,7 +35,7 @@ class Distributed(Runtime):
 
     def __init__(self, args: TrainArgs):
         if args.compile:
-            raise ValueError(
+            raise InputError(
                 "--compile is not supported under torchrun yet (expert parallelism reads its "
                 "all-to-all sizes on the host, and this path is not tested compiled)"
             )

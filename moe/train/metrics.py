@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from ..io.files import write_atomic
 
 
@@ -35,16 +36,19 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    rows, lines = [], path.read_text().splitlines()
+    rows, lines = [], path.read_bytes().decode("utf-8", errors="replace").splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             if n == len(lines):
                 break  # a line cut short by a kill: drop it
-            raise ValueError(f"{path}: line {n} is not JSON") from None
+            raise InputError(f"{path}: line {n} is not JSON") from None
+        if not (isinstance(row, dict) and row.get("kind") in ("train", "eval") and type(row.get("step")) is int):
+            raise InputError(f"{path}: line {n} is not a metrics row (a JSON object with kind and step)")
+        rows.append(row)
     return rows
 
 
@@ -61,8 +65,11 @@ class MetricsLog:
         self._file = open(self.path, "a")
 
     def write(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row, allow_nan=True) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(row, allow_nan=True) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk says ENOSPC, not which file: name it
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def close(self) -> None:
         self._file.close()

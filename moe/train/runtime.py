@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..device import pick_device
+from ..errors import InputError
 from ..io import checkpoint
 from .args import TrainArgs
 from .step import clip_gradients, evaluate
@@ -93,7 +94,7 @@ class SingleProcess(Runtime):
 
     def __init__(self, args: TrainArgs):
         if args.ep > 1:
-            raise ValueError(
+            raise InputError(
                 f"--ep {args.ep} needs several processes: launch with "
                 f"torchrun --nproc-per-node N -m moe train ... --ep {args.ep}"
             )

@@ -3,10 +3,13 @@
 Legend: B = sequences per micro-batch, S = tokens per sequence.
 
 `run` picks the runtime (one process, or one of torchrun's ranks) and hands it to a Trainer:
-    Trainer(config, args, runtime)   checks the input, builds data, model and optimizer, resumes
+    Trainer(config, args, runtime)   checks the input (device, data, the checkpoint to resume),
+                                     builds data, model and optimizer, locks the run folder
+                                     (run_lock.py), resumes, and only then writes the folder
     .fit()                           the steps (step.py's train_step), with metrics rows, evals
                                      and checkpoints as args say, then the plots
     .summary()                       what the run reached, read back from metrics.jsonl
+    .close()                         releases the run folder's lock
 Host syncs happen only on logging, eval and save steps; a non-finite loss is recorded on the
 device and reported (with its step) at the next of those.
 """
@@ -25,36 +28,46 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..distributed.mesh import under_torchrun
+from ..errors import InputError
+from ..extras import MissingExtra, require
 from ..io import checkpoint
-from ..io.files import write_atomic
-from . import metrics
+from ..io.files import TRAINER_FILE, write_atomic
+from . import metrics, tensorboard_log
 from .args import TrainArgs
-from .data import BatchSampler, TokenView, check_vocab, eval_batches, load_corpus, split_ranges
+from .data import BatchSampler, TokenView, check_length, check_vocab, eval_batches, load_corpus, split_ranges
 from .distributed_runtime import Distributed
-from .run_folder import clear_run_dir, locate_run, rng_state, set_rng_state
+from .resume import check_resume, check_trainer_state
+from .run_folder import check_run_dir, clear_run_dir, locate_run, rng_state, set_rng_state
+from .run_lock import RunLock
 from .runtime import Runtime, SingleProcess
 from .step import build_model, build_optimizer, lr_at, moe_stats, train_step
 
 
-class TrainingDiverged(ValueError):
-    """The loss became NaN or inf; the last good checkpoint is left in place."""
+class TrainingDiverged(InputError):
+    """The loss became NaN or inf; the last good checkpoint is left in place. An InputError (a
+    ValueError): the settings that made it diverge are the user's to change, so the command line
+    reports it as one line, not a traceback."""
 
 
 def run(config: ModelConfig, args: TrainArgs) -> dict[str, Any]:
     """Train `config` as `args` say, in the run folder; returns a summary:
 
-    run_dir, step, tokens, params, loss (last train row), val_loss_start / val_loss (nats per
-    token) and val_bpb_start / val_bpb (bits per byte; None for token data), tokens_per_s
-    (median over train rows), elapsed_s, drop_rate, load ({layer: per-expert share, mean of
-    the last 10 train rows}), checkpoint (latest folder), metrics (path), plots (paths).
+    run_dir, step, steps (--steps), stopped_by ("steps", "stop_at" or "time_limit"), tokens,
+    params, loss (last train row), val_loss_start / val_loss (nats per token) and val_bpb_start /
+    val_bpb (bits per byte; None for token data), tokens_per_s (median over train rows),
+    elapsed_s, drop_rate, load ({layer: per-expert share, mean of the last 10 train rows}),
+    checkpoint (latest folder), metrics (path), plots (paths).
 
     Launched by torchrun, every rank runs this with the Distributed runtime (expert and data
     parallelism, sharded checkpoints); rank 0 writes the run folder.
     """
     with make_runtime(args) as runtime:
         trainer = Trainer(config, args, runtime)
-        trainer.fit()
-        return trainer.summary()
+        try:
+            trainer.fit()
+            return trainer.summary()
+        finally:
+            trainer.close()
 
 
 def make_runtime(args: TrainArgs) -> Runtime:
@@ -65,19 +78,20 @@ def make_runtime(args: TrainArgs) -> Runtime:
 
 
 class Trainer:
-    """One training run in its run folder, on the runtime's rank(s)."""
+    """One training run in its run folder, on the runtime's rank(s). close() when done."""
 
     def __init__(self, config: ModelConfig, args: TrainArgs, runtime: Runtime):
         self.config, self.args, self.rt = config, args, runtime
+        self.lock: RunLock | None = None
+        # Everything that can fail on bad input (args were checked when built) happens before
+        # the run folder is touched: a rerun after a bad flag finds the folder as it was.
         self.device = runtime.device(args.device)
-        if args.compile and self.device.type == "cpu" and config.moe is not None and config.moe.backend == "torch":
-            raise ValueError(
-                "--compile on CPU needs 'backend: eager' under moe: in the config (torch's "
-                "grouped_mm compiles only in bf16, which CUDA training uses)"
-            )
+        if args.tensorboard:
+            tensorboard_log.check_available()
         self.run_dir, resume_from, continuing = locate_run(config.name, args.out, args.resume, args.overwrite)
-        # Everything that can fail on bad input happens before the run folder is touched.
         self._load_data()
+        if resume_from is not None:
+            check_resume(resume_from, config, args)
         # The seed right before the model: the initial weights depend on nothing before it.
         torch.manual_seed(args.seed)
         model = build_model(config, self.device)
@@ -85,19 +99,48 @@ class Trainer:
         self.model = runtime.wrap(model)
         self.optimizer = build_optimizer(self.model, args)
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
-        if resume_from is not None:
-            self._resume(resume_from)
-        self._prepare_run_dir(continuing)
+        self._lock_run_dir()  # from here on, close() releases the folder
+        try:
+            if not continuing:  # another run may have finished there since locate_run looked
+                check_run_dir(self.run_dir, args.overwrite)
+            if resume_from is not None:
+                self._resume(resume_from)
+            self._prepare_run_dir(continuing)
+        except BaseException:
+            self.close()
+            raise
         self.forward = torch.compile(self.model) if args.compile else self.model
         self.ckpt_root = self.run_dir / "checkpoints"
         self.tokens_per_step = args.batch_size * self.seq_len * args.grad_accum * runtime.world_size
         self.plots: list[Path] = []
+        self.stopped_by = "steps"
+
+    def close(self) -> None:
+        """Release the run folder (see run_lock.py); safe to call twice."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 takes the run folder's lock for the whole job; every rank learns whether it did."""
+        error: BaseException | None = None
+        if self.rt.is_main:
+            self.lock = RunLock(self.run_dir)
+            try:
+                self.lock.acquire()
+            except Exception as e:  # every rank must hear of it, or the others would wait forever
+                self.lock, error = None, e
+        if self.rt.any(error is not None):
+            raise error or InputError(f"rank 0 could not lock the run folder {self.run_dir}")
 
     def _load_data(self) -> None:
         args, rt = self.args, self.rt
         self.corpus = load_corpus(args.data, args.token_dtype)
         check_vocab(self.corpus, self.config.vocab_size)
         self.seq_len = args.seq_len or self.config.max_seq_len
+        if self.seq_len > self.config.max_seq_len:
+            raise InputError(f"--seq-len {self.seq_len} exceeds the config's max_seq_len ({self.config.max_seq_len})")
+        check_length(self.corpus, args.val_fraction, self.seq_len, rt.world_size)
         train_ranges, val_ranges = split_ranges(len(self.corpus.tokens), args.val_fraction)
         self.sampler = BatchSampler(
             TokenView(self.corpus.tokens, train_ranges),
@@ -121,9 +164,10 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         state = self.rt.load_checkpoint(path, self.model, self.optimizer)
-        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed_s"]
+        check_trainer_state(state, path / TRAINER_FILE, self.args)  # check_resume read it; this is what loaded
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], float(state["elapsed_s"])
         self.sampler.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], str(path / TRAINER_FILE))
 
     def _prepare_run_dir(self, continuing: bool) -> None:
         """Rank 0 clears (--overwrite) or creates the run folder and, for a new run, writes run.json."""
@@ -151,8 +195,12 @@ class Trainer:
     def fit(self) -> None:
         """Train up to --steps (or --stop-at, or --time-limit), then draw the plots."""
         args, rt = self.args, self.rt
-        # A resumed run drops the rows logged after its checkpoint (see MetricsLog).
+        # A resumed run drops the rows logged after its checkpoint (see MetricsLog), and the
+        # TensorBoard events too (purge_step).
         self.log = metrics.MetricsLog(self.run_dir / "metrics.jsonl", keep_until_step=self.step) if rt.is_main else None
+        self.tb = None
+        if args.tensorboard and rt.is_main:
+            self.tb = tensorboard_log.TensorBoardLog(self.run_dir, resume_step=self.step or None)
         last = min(args.steps, args.stop_at or args.steps)
         self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
         self._t0, self._elapsed0 = time.perf_counter(), self.elapsed
@@ -172,9 +220,12 @@ class Trainer:
             while self.step < last:
                 out = self._train_step()
                 bar.update(1)
-                stop = self.step == last or (
-                    args.time_limit is not None and rt.any(self._clock() - self._elapsed0 > args.time_limit)
-                )
+                timed_out = args.time_limit is not None and rt.any(self._clock() - self._elapsed0 > args.time_limit)
+                stop = self.step == last or timed_out
+                if stop:
+                    self.stopped_by = (
+                        "steps" if self.step == args.steps else "stop_at" if self.step == last else "time_limit"
+                    )
                 if self.step % args.log_every == 0 or stop:
                     self._check_finite()
                     row = self._log_row(out)
@@ -196,6 +247,8 @@ class Trainer:
             bar.close()
             if self.log:
                 self.log.close()
+            if self.tb:
+                self.tb.close()
         rt.barrier()  # rank 0 has written metrics.jsonl
         self.plots = _draw_plots(self.run_dir) if args.plots and rt.is_main else []
 
@@ -243,25 +296,30 @@ class Trainer:
             "load_max_mean": max((max(r["load"]) * len(r["load"]) for r in layers), default=1.0),
             "layers": layers,
         }
-        if self.log:
-            self.log.write(row)
+        self._write(row)
         self._t_row, self._tokens_row, self._paused = now, self.tokens, 0.0
         return row
 
     def _evaluate(self) -> None:
         """Validation loss on the fixed set; an eval row."""
         val = self.rt.evaluate(self.forward, self.val_set, self.device)
+        self._write(
+            {
+                "kind": "eval",
+                "step": self.step,
+                "tokens": self.tokens,
+                "elapsed_s": round(self._clock(), 3),
+                "val_loss": val,
+                "val_bpb": metrics.bits(val) if self.corpus.is_bytes else None,
+            }
+        )
+
+    def _write(self, row: dict[str, Any]) -> None:
+        """A metrics row to metrics.jsonl and, with --tensorboard, to TensorBoard (rank 0 only)."""
         if self.log:
-            self.log.write(
-                {
-                    "kind": "eval",
-                    "step": self.step,
-                    "tokens": self.tokens,
-                    "elapsed_s": round(self._clock(), 3),
-                    "val_loss": val,
-                    "val_bpb": metrics.bits(val) if self.corpus.is_bytes else None,
-                }
-            )
+            self.log.write(row)
+        if self.tb:
+            self.tb.write(row)
 
     def _save(self) -> None:
         state = {
@@ -272,6 +330,8 @@ class Trainer:
             "args": dataclasses.asdict(self.args),
         }
         self.rt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state, self.args.keep_last)
+        if self.tb:
+            self.tb.flush()  # the events up to the checkpoint survive a kill, as the metrics rows do
 
     # ----------------------------------------------------------------------- after the loop
 
@@ -285,6 +345,8 @@ class Trainer:
         return {
             "run_dir": str(self.run_dir),
             "step": self.step,
+            "steps": self.args.steps,
+            "stopped_by": self.stopped_by,
             "tokens": self.tokens,
             "params": self.params,
             "loss": train_rows[-1]["loss"] if train_rows else None,
@@ -304,8 +366,10 @@ class Trainer:
 
 def _draw_plots(run_dir: Path) -> list[Path]:
     try:
-        from .plots import draw_run
-    except ImportError as e:  # matplotlib is optional for the library
+        require("matplotlib", "--plots")  # optional for the library: a note, not a failure
+    except MissingExtra as e:
         tqdm.write(f"plots skipped: {e}")
         return []
+    from .plots import draw_run
+
     return draw_run(run_dir)

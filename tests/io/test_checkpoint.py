@@ -10,6 +10,7 @@ import torch
 from train_helpers import REPO, micro_config
 
 from moe import Transformer
+from moe.errors import InputError
 from moe.io import checkpoint as ckpt
 from moe.train import TrainArgs
 from moe.train.step import build_optimizer
@@ -68,8 +69,11 @@ def test_sharded_save_round_trip_and_cleanup(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {p.name for p in shards}
     assert_same_model(model, Transformer.from_pretrained(tmp_path))
-    ckpt.save_pretrained(model, tmp_path)  # unsharded again: the old shards must not linger
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    (tmp_path / "README.md").write_text("not ours")
+    with pytest.raises(InputError, match="is not empty .*pass overwrite=True"):
+        ckpt.save_pretrained(model, tmp_path)  # a folder that holds a model is not written into unasked
+    ckpt.save_pretrained(model, tmp_path, overwrite=True)  # unsharded again: the old shards must not linger
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert_same_model(model, Transformer.from_pretrained(tmp_path))
 
 

@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from train_helpers import write_corpus
 
+from moe.errors import InputError
+from moe.train.byte_files import ByteFiles
 from moe.train.data import (
     NUM_PIECES,
     BatchSampler,
@@ -122,10 +125,37 @@ def test_bad_data_paths(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(ValueError, match="holds no non-empty files"):
         load_corpus(tmp_path)
-    with pytest.raises(FileNotFoundError, match="data not found"):
+    with pytest.raises(InputError, match="data not found"):
         load_corpus(tmp_path / "missing.txt")
     view = TokenView(np.zeros(20, dtype=np.uint8), [(0, 20)])
     with pytest.raises(ValueError, match="too few for sequences of 32"):
         BatchSampler(view, 2, 32)
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(InputError, match="val-fraction"):
         split_ranges(100, 1.5)
+
+
+def test_a_folder_is_read_on_demand_as_the_concatenation_of_its_files(tmp_path):
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 256, size=n, dtype=np.uint8) for n in (37, 0, 1, 500, 64)]
+    for i, part in enumerate(parts):
+        (tmp_path / f"f{i}.txt").write_bytes(part.tobytes())
+    corpus = load_corpus(tmp_path)
+    reference = np.concatenate(parts)
+    assert isinstance(corpus.tokens, ByteFiles) and len(corpus.tokens) == reference.size == 602
+    # Windows across file boundaries (37|38|538), repeated and unsorted positions, any shape.
+    index = np.array([[35, 36, 37, 38, 39], [601, 0, 537, 538, 538]])
+    assert np.array_equal(corpus.tokens[index], reference[index])
+    assert np.array_equal(corpus.tokens[30:540], reference[30:540]) and corpus.tokens[5:5].size == 0
+    assert corpus.max_token == reference.max() and corpus.tokens.tobytes() == reference.tobytes()
+    view = TokenView(corpus.tokens, split_ranges(len(corpus.tokens), 0.1)[0])
+    in_memory = TokenView(reference, split_ranges(reference.size, 0.1)[0])
+    sampled = BatchSampler(view, 8, 16, seed=1).next_batch()[0]
+    assert torch.equal(sampled, BatchSampler(in_memory, 8, 16, seed=1).next_batch()[0])
+    with pytest.raises(IndexError):
+        corpus.tokens[np.array([602])]
+
+
+def test_a_text_file_is_memory_mapped(tmp_path):
+    path = write_corpus(tmp_path)
+    corpus = load_corpus(path)
+    assert isinstance(corpus.tokens, np.memmap) and corpus.tokens.tobytes() == path.read_bytes() and corpus.is_bytes

@@ -7,6 +7,7 @@ import torch
 from train_helpers import fast_args, micro_config
 
 from moe import Transformer
+from moe.errors import InputError
 from moe.io import checkpoint as ckpt
 from moe.train import TrainArgs, TrainingDiverged, run
 from moe.train import trainer as train_mod  # the Trainer looks train_step up here: the NaN test patches it
@@ -120,7 +121,7 @@ def test_refuses_to_overwrite_another_run_unless_asked(tmp_path):
     run_dir = tmp_path / "run"
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(
-        FileExistsError,
+        InputError,
         match=r"holds another run \(run.json, metrics.jsonl, checkpoints\); "
         r"pass --resume",
     ):
@@ -130,18 +131,45 @@ def test_refuses_to_overwrite_another_run_unless_asked(tmp_path):
     assert summary["step"] == 3 and [r["step"] for r in train_rows(run_dir)] == [1, 2, 3]
 
 
-def test_resume_with_another_config_names_the_tensor_and_touches_nothing(tmp_path):
+def test_resume_with_another_config_names_the_keys_and_touches_nothing(tmp_path):
     run(micro_config(), fast_args(tmp_path, steps=2))
     run_dir = tmp_path / "run"
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match=r"tensor 'embed_tokens.weight' has shape \(256, 32\) but .* \(256, 64\)"):
+    with pytest.raises(
+        InputError, match=r"step_00000002 was trained with another config: hidden_size: checkpoint 32, "
+    ):
         run(micro_config(hidden_size=64), fast_args(tmp_path, steps=4, resume=str(run_dir)))
+    # Routing alone differs: the tensors have the same shapes, so only the config check can see it.
+    other_routing = micro_config()
+    other_routing.moe.top_k = 1
+    with pytest.raises(InputError, match=r"another config: moe.top_k: checkpoint 2, --config 1; resume with"):
+        run(other_routing, fast_args(tmp_path, steps=4, resume=str(run_dir)))
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    # The name only names the run folder, and the backend computes the same experts: both may differ.
+    renamed = micro_config(name="renamed")
+    renamed.moe.backend = "eager" if micro_config().moe.backend != "eager" else "torch"
+    assert run(renamed, fast_args(tmp_path, steps=3, resume=str(run_dir)))["step"] == 3
 
 
 def test_time_limit_stops_and_saves(tmp_path):
     summary = run(micro_config(), fast_args(tmp_path, steps=50, time_limit=0.0))
     assert summary["step"] == 1 and summary["checkpoint"].endswith("step_00000001")
+    assert summary["stopped_by"] == "time_limit" and summary["steps"] == 50
+    stopped = run(micro_config(), fast_args(tmp_path / "b", steps=50, stop_at=2))
+    assert (stopped["stopped_by"], stopped["step"]) == ("stop_at", 2)
+    done = run(micro_config(), fast_args(tmp_path / "c", steps=2, time_limit=1e6))
+    assert (done["stopped_by"], done["step"]) == ("steps", 2)
+
+
+def test_resume_refuses_a_stop_or_an_end_that_the_checkpoint_already_passed(tmp_path):
+    run(micro_config(), fast_args(tmp_path, steps=10, stop_at=4))
+    run_dir = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(InputError, match=r"--stop-at 3 is not after the checkpoint's step 4"):
+        run(micro_config(), fast_args(tmp_path, steps=10, stop_at=3, resume=str(run_dir)))
+    with pytest.raises(InputError, match=r"is at step 4, which already reaches --steps 4: nothing is left"):
+        run(micro_config(), fast_args(tmp_path, steps=4, resume=str(run_dir)))
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):

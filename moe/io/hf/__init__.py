@@ -4,7 +4,9 @@
     model = moe.Transformer.from_hf("Qwen3-30B-A3B", dtype=torch.bfloat16)   # = load_hf(...)
     model.save_pretrained("out", format="hf")                                # = save_hf(model, "out")
 
-Loading reads config.json, maps every checkpoint tensor by name and shape (refusing, with the
+Loading reads config.json and checks it whole before anything is built (every key's type and
+bounds; a key it omits takes the family's own default: transformers' configuration class, the
+authors' for Ling 2.0), maps every checkpoint tensor by name and shape (refusing, with the
 names, any that are missing, unexpected or misshapen), builds the model on the meta device and
 fills each tensor straight from the safetensors files: no second copy of the weights, and
 never a pickle. Export writes the per-expert tensor names the published checkpoints use, so
@@ -14,11 +16,13 @@ that tools written for those read it too (the parity tests load it in transforme
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import torch
 
 from ...config import ModelConfig
+from ...errors import InputError
 from ...layer import MoE
 from ...model import Transformer
 from ...rope import Rotary
@@ -27,7 +31,7 @@ from .bailing_moe_v2 import BailingMoeV2
 from .deepseek_v3 import DeepseekV3
 from .mixtral import Mixtral
 from .qwen3_moe import Qwen3Moe
-from .spec import Family
+from .spec import Family, check_key
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (Mixtral(), Qwen3Moe(), DeepseekV3(), BailingMoeV2())}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,12 +42,14 @@ __all__ = ["FAMILIES", "family_of", "hf_config", "load_hf", "save_hf"]
 def family_of(hf: dict) -> Family:
     """The family of a config.json. Ling 2.0 is published as model_type "bailing_moe" (Ling 1.0's
     name) with architectures ["BailingMoeV2ForCausalLM"]."""
-    model_type = hf.get("model_type")
-    if model_type == BailingMoeV2.published_model_type and BailingMoeV2.architecture in (hf.get("architectures") or []):
+    for key in ("model_type", "architectures", "torch_dtype", "dtype"):  # the keys read before any family's
+        check_key(key, hf.get(key))
+    model_type, architectures = hf.get("model_type"), hf.get("architectures") or []
+    if model_type == BailingMoeV2.published_model_type and BailingMoeV2.architecture in architectures:
         return FAMILIES[BailingMoeV2.model_type]
     if model_type not in FAMILIES:
-        raise ValueError(
-            f"unsupported model_type {model_type!r} (architectures {hf.get('architectures')}); "
+        raise InputError(
+            f"unsupported model_type {str(model_type)[:80]!r} (architectures {str(architectures)[:200]}); "
             f"supported: {', '.join(FAMILIES)}, and bailing_moe with BailingMoeV2ForCausalLM"
         )
     return FAMILIES[model_type]
@@ -65,21 +71,21 @@ def load_hf(
     """
     directory = Path(directory)
     hf = reader.read_config(directory)
-    try:
+    try:  # config.json is checked whole, against its family's own defaults, before anything is built
         family = family_of(hf)
-        config = family.to_config(hf, name=directory.name)
-        if backend is not None:
+        config = family.to_config(hf, name=_model_name(directory))
+        if backend is not None and config.moe is not None:
             config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, backend=backend))
-    except ValueError as e:
-        raise ValueError(f"{directory / 'config.json'}: {e}") from None
+    except InputError as e:
+        raise InputError(f"{directory / 'config.json'}: {e}") from None
     entries = reader.scan(directory)
     stacked = any(name.endswith(".experts.gate_up_proj") for name in entries)
     pieces = family.pieces(config, stacked)
     optional = {"lm_head.weight"} if config.tie_embeddings else set()
     try:
         reader.check(entries, pieces, family.skipped_layers(hf), optional, family.model_type)
-    except ValueError as e:
-        raise ValueError(f"{directory}: {e}") from None
+    except ValueError as e:  # the folder's tensors do not fit its config.json: bad input
+        raise InputError(f"{directory}: {e}") from None
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -95,6 +101,12 @@ def load_hf(
         model.lm_head.weight = model.embed_tokens.weight
     _materialize_buffers(model, torch.device(device))
     return model.eval()
+
+
+def _model_name(directory: Path) -> str:
+    """The folder's name as a config name (which names run folders): other characters become '-'."""
+    name = re.sub(r"[^\w.+-]", "-", directory.resolve().name).lstrip(".+-")[:128]
+    return name or "model"
 
 
 def _materialize_buffers(model: Transformer, device: torch.device) -> None:
@@ -116,7 +128,7 @@ def hf_config(config: ModelConfig, family: str | None = None) -> tuple[Family, d
     can express it unless named."""
     if family is not None:
         if family not in FAMILIES:
-            raise ValueError(f"unknown family {family!r} (expected one of {', '.join(FAMILIES)})")
+            raise InputError(f"unknown family {str(family)[:80]!r} (expected one of {', '.join(FAMILIES)})")
         candidates = [FAMILIES[family]]
     else:
         candidates = list(FAMILIES.values())
@@ -124,12 +136,12 @@ def hf_config(config: ModelConfig, family: str | None = None) -> tuple[Family, d
     for fam in candidates:
         try:
             body = fam.to_hf(config)
-        except ValueError as e:
+        except InputError as e:
             reasons.append(str(e))
             continue
         model_type = getattr(fam, "published_model_type", fam.model_type)
         return fam, {"architectures": [fam.architecture], "model_type": model_type, **body}
-    raise ValueError("; ".join(reasons) if family else "no Hugging Face family fits this model: " + "; ".join(reasons))
+    raise InputError("; ".join(reasons) if family else "no Hugging Face family fits this model: " + "; ".join(reasons))
 
 
 def save_hf(
@@ -140,8 +152,11 @@ def save_hf(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = writer.SHARD_BYTES,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write `model` as a Hugging Face folder of `family` (default: the first that fits).
+
+    A folder that holds anything is refused unless `overwrite`; then only the model's files are replaced.
 
     dtype: of the written weights (default: the model's); selection biases stay float32.
     Refuses a model the family cannot express, naming the setting, and a nonzero selection
@@ -161,12 +176,12 @@ def save_hf(
         if n not in covered and n not in tied and not (n.endswith("expert_bias") and not t.any())
     ]
     if lost:
-        raise ValueError(
+        raise InputError(
             f"cannot export as {fam.model_type}: it has no tensor for {', '.join(lost)} "
             "(a nonzero router selection bias)"
         )
     dtypes = {
         p.hf: torch.float32 if p.hf.endswith(("expert_bias", "e_score_correction_bias")) else dtype for p in pieces
     }
-    writer.write_checkpoint(directory, config, state, pieces, dtypes, max_shard_bytes, progress)
+    writer.write_checkpoint(directory, config, state, pieces, dtypes, max_shard_bytes, progress, overwrite=overwrite)
     return directory

@@ -19,7 +19,7 @@ skipped here. The gate renormalises whenever top_k > 1, whatever norm_topk_prob 
 
 from __future__ import annotations
 
-from ...config import ModelConfig, MoEConfig
+from ...config import ModelConfig
 from ...model import layer_plan
 from .spec import (
     Family,
@@ -31,7 +31,6 @@ from .spec import (
     norm,
     plan_fields,
     refuse,
-    require,
     rope_from_hf,
     rope_to_hf,
 )
@@ -41,6 +40,44 @@ class BailingMoeV2(Family):
     model_type = "bailing_moe_v2"
     architecture = "BailingMoeV2ForCausalLM"
     published_model_type = "bailing_moe"
+    required = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_experts",
+        "moe_intermediate_size",
+    )
+    # What the authors' BailingMoeV2Config gives a key that config.json omits (inclusionAI/Ling-V2
+    # models/configuration_bailing_moe_v2.py, commit af8837e; transformers has no Ling 2.0), then
+    # what their modeling code (models/modeling_bailing_moe_v2.py) assumes for keys it reads with hasattr.
+    defaults = {
+        "num_experts_per_tok": 8,
+        "num_key_value_heads": 4,  # an explicit null: num_attention_heads
+        "head_dim": 128,  # an explicit null: hidden_size // num_attention_heads
+        "hidden_act": "silu",
+        "use_qkv_bias": False,
+        "use_bias": False,
+        "use_qk_norm": True,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "max_position_embeddings": 32768,
+        "rope_theta": 600000.0,
+        "rope_scaling": None,
+        "rope_parameters": None,
+        "num_shared_experts": 1,  # an explicit null: none
+        "n_group": 8,  # an explicit null: 1 (no group limit)
+        "topk_group": 4,
+        "first_k_dense_replace": 1,
+        "num_nextn_predict_layers": 0,
+        "routed_scaling_factor": 1.0,  # the published configs say 2.5
+        "partial_rotary_factor": None,  # modeling code: 1.0 when absent
+        "rotary_dim": None,
+        "score_function": "sigmoid",  # the gate is always a sigmoid
+    }
+    hf_names = {"moe.num_experts": "num_experts", "moe.num_shared_experts": "num_shared_experts"}
 
     def names(self, stacked: bool) -> Names:
         return Names(embed="model.word_embeddings.weight", expert_bias="gate.expert_bias", stacked=stacked)
@@ -68,62 +105,54 @@ class BailingMoeV2(Family):
         return pieces
 
     def skipped_layers(self, hf: dict) -> range:
-        L = hf["num_hidden_layers"]
-        return range(L - (hf.get("num_nextn_predict_layers") or 0), L)
+        c = self.settings(hf)
+        L = c["num_hidden_layers"]
+        return range(L - (c["num_nextn_predict_layers"] or 0), L)
 
     def to_config(self, hf: dict, name: str) -> ModelConfig:
-        require(
-            hf,
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_experts",
-            "num_experts_per_tok",
-            "moe_intermediate_size",
-        )
-        expect(hf, "hidden_act", ("silu",), "silu")
-        expect(hf, "score_function", ("sigmoid",), "sigmoid")
-        L = hf["num_hidden_layers"] - (hf.get("num_nextn_predict_layers") or 0)
-        H = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // H
-        fraction = _rope_fraction(hf, head_dim)
-        theta, scaling = rope_from_hf(hf, default_theta=10000.0)
-        k, top_k = hf.get("first_k_dense_replace", 0), hf["num_experts_per_tok"]
-        n_shared = hf.get("num_shared_experts") or 0
-        return ModelConfig(
-            name=name,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_layers=L,
-            num_heads=H,
-            num_kv_heads=hf.get("num_key_value_heads"),
-            head_dim=head_dim,
-            intermediate_size=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 32768),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            init_std=hf.get("initializer_range", 0.02),
-            qk_norm=hf.get("use_qk_norm", False),
-            attention_bias=hf.get("use_qkv_bias", False),
-            attention_out_bias=hf.get("use_bias", False),
-            rope_theta=theta,
-            rope_fraction=fraction,
-            rope_scaling=scaling,
-            **plan_fields([i >= k for i in range(L)]),
-            moe=MoEConfig(
-                num_experts=hf["num_experts"],
-                top_k=top_k,
-                expert_ffn_size=hf["moe_intermediate_size"],
-                num_shared_experts=n_shared,
-                score_func="sigmoid",
-                n_group=hf.get("n_group") or 1,
-                topk_group=hf.get("topk_group") or 1,
-                norm_topk_prob=top_k > 1,
-                routed_scaling_factor=hf.get("routed_scaling_factor", 2.5),
-                expert_bias=True,
-            ),
+        c = self.settings(hf)
+        expect(c, "hidden_act", ("silu",))
+        expect(c, "score_function", ("sigmoid",))
+        L = c["num_hidden_layers"] - (c["num_nextn_predict_layers"] or 0)
+        H = c["num_attention_heads"]
+        head_dim = c["head_dim"] or c["hidden_size"] // H
+        fraction = _rope_fraction(c, head_dim)
+        theta, scaling = rope_from_hf(c)
+        k, top_k = c["first_k_dense_replace"], c["num_experts_per_tok"]
+        return self.build(
+            dict(
+                name=name,
+                vocab_size=c["vocab_size"],
+                hidden_size=c["hidden_size"],
+                num_layers=L,
+                num_heads=H,
+                num_kv_heads=c["num_key_value_heads"],
+                head_dim=head_dim,
+                intermediate_size=c["intermediate_size"],
+                max_seq_len=c["max_position_embeddings"],
+                norm_eps=c["rms_norm_eps"],
+                tie_embeddings=c["tie_word_embeddings"],
+                init_std=c["initializer_range"],
+                qk_norm=c["use_qk_norm"],
+                attention_bias=c["use_qkv_bias"],
+                attention_out_bias=c["use_bias"],
+                rope_theta=theta,
+                rope_fraction=fraction,
+                rope_scaling=scaling,
+                **plan_fields([i >= k for i in range(L)]),
+                moe=dict(
+                    num_experts=c["num_experts"],
+                    top_k=top_k,
+                    expert_ffn_size=c["moe_intermediate_size"],
+                    num_shared_experts=c["num_shared_experts"] or 0,
+                    score_func="sigmoid",
+                    n_group=c["n_group"] or 1,
+                    topk_group=c["topk_group"] or 1,
+                    norm_topk_prob=top_k > 1,
+                    routed_scaling_factor=c["routed_scaling_factor"],
+                    expert_bias=True,
+                ),
+            )
         )
 
     def to_hf(self, cfg: ModelConfig) -> dict:
@@ -186,9 +215,9 @@ class BailingMoeV2(Family):
         }
 
 
-def _rope_fraction(hf: dict, head_dim: int) -> float:
+def _rope_fraction(c: dict, head_dim: int) -> float:
     """partial_rotary_factor, or rotary_dim / head_dim where a config gives rotary_dim instead."""
-    factor, rotary_dim = hf.get("partial_rotary_factor"), hf.get("rotary_dim")
+    factor, rotary_dim = c["partial_rotary_factor"], c["rotary_dim"]
     if rotary_dim is not None:
         if factor is not None and int(head_dim * factor) != rotary_dim:
             raise config_error(

@@ -12,7 +12,7 @@ The latent RMSNorms use eps 1e-6 whatever rms_norm_eps says (reference code and 
 
 from __future__ import annotations
 
-from ...config import ModelConfig, MoEConfig
+from ...config import ModelConfig
 from ...model import layer_plan
 from .spec import (
     Family,
@@ -25,7 +25,6 @@ from .spec import (
     norm,
     plan_fields,
     refuse,
-    require,
     rope_from_hf,
     rope_to_hf,
 )
@@ -36,6 +35,53 @@ LATENT_NORM_EPS = 1e-6
 class DeepseekV3(Family):
     model_type = "deepseek_v3"
     architecture = "DeepseekV3ForCausalLM"
+    required = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "n_routed_experts",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+    )
+    # What DeepseekV3Config gives a key that config.json omits (transformers 5.24,
+    # models/deepseek_v3/configuration_deepseek_v3.py), then the keys only the reference code reads
+    # (deepseek-ai/DeepSeek-V3 inference/configs/config_671B.json and modeling_deepseek.py).
+    defaults = {
+        "num_experts_per_tok": 8,
+        "n_shared_experts": 1,  # an explicit null: none
+        "routed_scaling_factor": 2.5,
+        "q_lora_rank": 1536,  # an explicit null: q projected directly from the hidden state
+        "n_group": 8,  # an explicit null: 1 (no group limit)
+        "topk_group": 4,
+        "first_k_dense_replace": 3,
+        "norm_topk_prob": True,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "rope_interleave": True,
+        "attention_bias": False,
+        "num_nextn_predict_layers": 1,  # num_mtp_layers in 5.24: layer L's tensors are skipped if present
+        "rope_theta": 10000.0,  # RotaryEmbeddingConfigMixin.default_theta
+        "rope_scaling": None,
+        "rope_parameters": None,
+        "quantization_config": None,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "moe_layer_freq": 1,
+    }
+    aliases = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+    hf_names = {
+        "moe.num_experts": "n_routed_experts",
+        "moe.num_shared_experts": "n_shared_experts",
+        "head_dim": "",  # ours is qk_nope_head_dim + qk_rope_head_dim
+    }
 
     def names(self, stacked: bool) -> Names:
         return Names(expert_bias="gate.e_score_correction_bias", stacked=stacked)
@@ -60,74 +106,62 @@ class DeepseekV3(Family):
         )
 
     def skipped_layers(self, hf: dict) -> range:
-        L = hf["num_hidden_layers"]
-        return range(L, L + (hf.get("num_nextn_predict_layers") or 0))
+        c = self.settings(hf)
+        L = c["num_hidden_layers"]
+        return range(L, L + (c["num_nextn_predict_layers"] or 0))
 
     def to_config(self, hf: dict, name: str) -> ModelConfig:
-        require(
-            hf,
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "moe_intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "n_routed_experts",
-            "num_experts_per_tok",
-            "kv_lora_rank",
-            "qk_nope_head_dim",
-            "qk_rope_head_dim",
-            "v_head_dim",
-        )
-        if hf.get("quantization_config"):
-            method = hf["quantization_config"].get("quant_method")
+        c = self.settings(hf)
+        if c["quantization_config"]:
+            method = c["quantization_config"].get("quant_method")
             raise config_error(
                 "quantization_config.quant_method", method, "is not supported: dequantize the checkpoint to bf16 first"
             )
-        expect(hf, "hidden_act", ("silu",), "silu")
-        expect(hf, "scoring_func", ("sigmoid",), "sigmoid")
-        expect(hf, "topk_method", ("noaux_tc",), "noaux_tc")
-        expect(hf, "attention_bias", (False,), False)
-        theta, scaling = rope_from_hf(hf, default_theta=10000.0)
-        L, k, freq = hf["num_hidden_layers"], hf.get("first_k_dense_replace", 3), hf.get("moe_layer_freq", 1)
+        expect(c, "hidden_act", ("silu",))
+        expect(c, "scoring_func", ("sigmoid",))
+        expect(c, "topk_method", ("noaux_tc",))
+        expect(c, "attention_bias", (False,))
+        theta, scaling = rope_from_hf(c)
+        L, k, freq = c["num_hidden_layers"], c["first_k_dense_replace"], c["moe_layer_freq"]
         plan = [i >= k and i % freq == 0 for i in range(L)]  # the reference rule; transformers ignores freq
-        n_shared = hf.get("n_shared_experts") or 0
-        nope, rope = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"]
-        return ModelConfig(
-            name=name,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_layers=L,
-            num_heads=hf["num_attention_heads"],
-            head_dim=nope + rope,
-            intermediate_size=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 4096),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            init_std=hf.get("initializer_range", 0.02),
-            attention="mla",
-            rope_theta=theta,
-            rope_scaling=scaling,
-            rope_interleave=hf.get("rope_interleave", True),
-            q_lora_rank=hf.get("q_lora_rank"),
-            kv_lora_rank=hf["kv_lora_rank"],
-            qk_nope_head_dim=nope,
-            qk_rope_head_dim=rope,
-            v_head_dim=hf["v_head_dim"],
-            latent_norm_eps=LATENT_NORM_EPS,
-            **plan_fields(plan),
-            moe=MoEConfig(
-                num_experts=hf["n_routed_experts"],
-                top_k=hf["num_experts_per_tok"],
-                expert_ffn_size=hf["moe_intermediate_size"],
-                num_shared_experts=n_shared,
-                score_func="sigmoid",
-                n_group=hf.get("n_group") or 1,
-                topk_group=hf.get("topk_group") or 1,
-                norm_topk_prob=hf.get("norm_topk_prob", True),
-                routed_scaling_factor=hf.get("routed_scaling_factor", 2.5),
-                expert_bias=True,
-            ),
+        nope, rope = c["qk_nope_head_dim"], c["qk_rope_head_dim"]
+        return self.build(
+            dict(
+                name=name,
+                vocab_size=c["vocab_size"],
+                hidden_size=c["hidden_size"],
+                num_layers=L,
+                num_heads=c["num_attention_heads"],
+                head_dim=nope + rope,
+                intermediate_size=c["intermediate_size"],
+                max_seq_len=c["max_position_embeddings"],
+                norm_eps=c["rms_norm_eps"],
+                tie_embeddings=c["tie_word_embeddings"],
+                init_std=c["initializer_range"],
+                attention="mla",
+                rope_theta=theta,
+                rope_scaling=scaling,
+                rope_interleave=c["rope_interleave"],
+                q_lora_rank=c["q_lora_rank"],
+                kv_lora_rank=c["kv_lora_rank"],
+                qk_nope_head_dim=nope,
+                qk_rope_head_dim=rope,
+                v_head_dim=c["v_head_dim"],
+                latent_norm_eps=LATENT_NORM_EPS,
+                **plan_fields(plan),
+                moe=dict(
+                    num_experts=c["n_routed_experts"],
+                    top_k=c["num_experts_per_tok"],
+                    expert_ffn_size=c["moe_intermediate_size"],
+                    num_shared_experts=c["n_shared_experts"] or 0,
+                    score_func="sigmoid",
+                    n_group=c["n_group"] or 1,
+                    topk_group=c["topk_group"] or 1,
+                    norm_topk_prob=c["norm_topk_prob"],
+                    routed_scaling_factor=c["routed_scaling_factor"],
+                    expert_bias=True,
+                ),
+            )
         )
 
     def to_hf(self, cfg: ModelConfig) -> dict:

@@ -10,14 +10,40 @@ transformers v5 in memory (saved so with save_original_format=False): mlp.expert
 
 from __future__ import annotations
 
-from ...config import ModelConfig, MoEConfig
+from ...config import ModelConfig
 from ...model import layer_plan
-from .spec import Family, Names, config_error, expect, refuse, require, rope_from_hf, rope_to_hf
+from .spec import Family, Names, config_error, expect, refuse, rope_from_hf, rope_to_hf
 
 
 class Mixtral(Family):
     model_type = "mixtral"
     architecture = "MixtralForCausalLM"
+    required = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_local_experts",
+    )
+    # What MixtralConfig gives a key that config.json omits (transformers 5.24,
+    # models/mixtral/configuration_mixtral.py; the same values in 4.57).
+    defaults = {
+        "num_experts_per_tok": 2,
+        "num_key_value_heads": 8,  # an explicit null: num_attention_heads (v4's __init__)
+        "head_dim": None,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096 * 32,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "sliding_window": None,
+        "rope_theta": 1e6,  # MixtralConfig.default_theta
+        "rope_scaling": None,
+        "rope_parameters": None,
+    }
+    aliases = {"num_experts": "num_local_experts"}  # MixtralConfig.attribute_map
+    hf_names = {"moe.num_experts": "num_local_experts", "moe.expert_ffn_size": "intermediate_size"}
 
     def names(self, stacked: bool) -> Names:
         if stacked:
@@ -25,42 +51,35 @@ class Mixtral(Family):
         return Names(moe="block_sparse_moe", expert=("w1", "w3", "w2"))
 
     def to_config(self, hf: dict, name: str) -> ModelConfig:
-        require(
-            hf,
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_local_experts",
-            "num_experts_per_tok",
-        )
-        expect(hf, "hidden_act", ("silu",), "silu")
-        window, max_len = hf.get("sliding_window"), hf.get("max_position_embeddings", 4096 * 32)
+        c = self.settings(hf)
+        expect(c, "hidden_act", ("silu",))
+        window, max_len = c["sliding_window"], c["max_position_embeddings"]
         if window is not None and window < max_len:  # a window over the whole context changes nothing
             raise config_error("sliding_window", window, f"is not supported (below max_position_embeddings={max_len})")
-        theta, scaling = rope_from_hf(hf, default_theta=1e6)
-        return ModelConfig(
-            name=name,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"],
-            num_kv_heads=hf.get("num_key_value_heads"),
-            head_dim=hf.get("head_dim"),
-            max_seq_len=max_len,
-            norm_eps=hf.get("rms_norm_eps", 1e-5),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            init_std=hf.get("initializer_range", 0.02),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            moe=MoEConfig(
-                num_experts=hf["num_local_experts"],
-                top_k=hf["num_experts_per_tok"],
-                expert_ffn_size=hf["intermediate_size"],
-                score_func="softmax",
-                norm_topk_prob=True,
-            ),
+        theta, scaling = rope_from_hf(c)
+        return self.build(
+            dict(
+                name=name,
+                vocab_size=c["vocab_size"],
+                hidden_size=c["hidden_size"],
+                num_layers=c["num_hidden_layers"],
+                num_heads=c["num_attention_heads"],
+                num_kv_heads=c["num_key_value_heads"],
+                head_dim=c["head_dim"],
+                max_seq_len=max_len,
+                norm_eps=c["rms_norm_eps"],
+                tie_embeddings=c["tie_word_embeddings"],
+                init_std=c["initializer_range"],
+                rope_theta=theta,
+                rope_scaling=scaling,
+                moe=dict(
+                    num_experts=c["num_local_experts"],
+                    top_k=c["num_experts_per_tok"],
+                    expert_ffn_size=c["intermediate_size"],
+                    score_func="softmax",
+                    norm_topk_prob=True,
+                ),
+            )
         )
 
     def to_hf(self, cfg: ModelConfig) -> dict:

@@ -7,64 +7,85 @@ mlp.gate.weight [E, D], mlp.experts.{e}.{gate,up,down}_proj (dense layers: mlp.{
 
 from __future__ import annotations
 
-from ...config import ModelConfig, MoEConfig
+from ...config import ModelConfig
 from ...model import layer_plan
-from .spec import Family, expect, plan_fields, refuse, require, rope_from_hf, rope_to_hf
+from .spec import Family, expect, plan_fields, refuse, rope_from_hf, rope_to_hf
 
 
 class Qwen3Moe(Family):
     model_type = "qwen3_moe"
     architecture = "Qwen3MoeForCausalLM"
+    required = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_experts",
+        "moe_intermediate_size",
+    )
+    # What Qwen3MoeConfig gives a key that config.json omits (transformers 5.24,
+    # models/qwen3_moe/configuration_qwen3_moe.py; the same values in 4.57).
+    defaults = {
+        "num_experts_per_tok": 8,
+        "num_key_value_heads": 4,  # an explicit null: num_attention_heads
+        "head_dim": None,  # not a config field: the modeling code falls back to hidden_size // heads
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": None,  # null: [] (__post_init__)
+        "norm_topk_prob": False,
+        "rope_theta": 10000.0,  # RotaryEmbeddingConfigMixin.default_theta
+        "rope_scaling": None,
+        "rope_parameters": None,
+    }
+    aliases = {"num_local_experts": "num_experts"}  # transformers v5 writes num_local_experts
+    hf_names = {"moe.num_experts": "num_experts"}
 
     def to_config(self, hf: dict, name: str) -> ModelConfig:
-        if "num_experts" not in hf:  # transformers v5 writes its attribute name, num_local_experts
-            hf = {**hf, "num_experts": hf.get("num_local_experts")}
-        require(
-            hf,
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_experts",
-            "num_experts_per_tok",
-            "moe_intermediate_size",
-        )
-        expect(hf, "hidden_act", ("silu",), "silu")
-        expect(hf, "use_sliding_window", (False,), False)
-        theta, scaling = rope_from_hf(hf, default_theta=10000.0)
-        L, E = hf["num_hidden_layers"], hf["num_experts"]
-        dense_only, step = set(hf.get("mlp_only_layers") or []), hf.get("decoder_sparse_step", 1)
+        c = self.settings(hf)
+        expect(c, "hidden_act", ("silu",))
+        expect(c, "use_sliding_window", (False,))
+        theta, scaling = rope_from_hf(c)
+        L, E = c["num_hidden_layers"], c["num_experts"]
+        dense_only, step = set(c["mlp_only_layers"] or []), c["decoder_sparse_step"]
         plan = [i not in dense_only and E > 0 and (i + 1) % step == 0 for i in range(L)]
-        bias = hf.get("attention_bias", False)  # transformers' Qwen3-MoE biases q, k, v and o alike
-        return ModelConfig(
-            name=name,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_layers=L,
-            num_heads=hf["num_attention_heads"],
-            num_kv_heads=hf.get("num_key_value_heads"),
-            head_dim=hf.get("head_dim"),
-            intermediate_size=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 32768),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            init_std=hf.get("initializer_range", 0.02),
-            qk_norm=True,
-            attention_bias=bias,
-            attention_out_bias=bias,
-            rope_theta=theta,
-            rope_scaling=scaling,
-            **plan_fields(plan),
-            moe=MoEConfig(
-                num_experts=E,
-                top_k=hf["num_experts_per_tok"],
-                expert_ffn_size=hf["moe_intermediate_size"],
-                score_func="softmax",
-                norm_topk_prob=hf.get("norm_topk_prob", False),
+        bias = c["attention_bias"]  # transformers' Qwen3-MoE biases q, k, v and o alike
+        return self.build(
+            dict(
+                name=name,
+                vocab_size=c["vocab_size"],
+                hidden_size=c["hidden_size"],
+                num_layers=L,
+                num_heads=c["num_attention_heads"],
+                num_kv_heads=c["num_key_value_heads"],
+                head_dim=c["head_dim"],
+                intermediate_size=c["intermediate_size"],
+                max_seq_len=c["max_position_embeddings"],
+                norm_eps=c["rms_norm_eps"],
+                tie_embeddings=c["tie_word_embeddings"],
+                init_std=c["initializer_range"],
+                qk_norm=True,
+                attention_bias=bias,
+                attention_out_bias=bias,
+                rope_theta=theta,
+                rope_scaling=scaling,
+                **plan_fields(plan),
+                moe=dict(
+                    num_experts=E,
+                    top_k=c["num_experts_per_tok"],
+                    expert_ffn_size=c["moe_intermediate_size"],
+                    score_func="softmax",
+                    norm_topk_prob=c["norm_topk_prob"],
+                )
+                if any(plan)
+                else None,
             )
-            if any(plan)
-            else None,
         )
 
     def to_hf(self, cfg: ModelConfig) -> dict:

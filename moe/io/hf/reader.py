@@ -6,11 +6,17 @@
 the checkpoint tensors into it slice by slice, one shard open at a time. Peak memory is the
 model plus one checkpoint tensor: safetensors maps the open shard (clean file pages the
 kernel can drop under pressure), so no second copy of the weights is ever made.
+
+The folder is untrusted input (moe/io/files.py): config.json, the index and every shard it
+names must be regular files inside the folder (a hub cache snapshot's symlinks into blobs/
+aside); the index's weight_map must map tensor names to file names; safetensors checks every
+header against its file (length, offsets, dtype x shape) before a tensor is made; and `check`
+refuses a tensor whose name, shape or dtype the family does not expect. Each is one InputError.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import re
 import warnings
 from collections import defaultdict
@@ -21,6 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from ...errors import InputError, excerpt
+from ..files import folder_file, read_json
 from .spec import Piece
 
 INDEX = "model.safetensors.index.json"
@@ -40,16 +48,11 @@ class Entry:
 def read_config(directory: Path) -> dict:
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {directory}")
-    path = directory / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no config.json (is this a Hugging Face model folder?)")
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+        path = folder_file(directory, "config.json")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory}: no config.json (is this a Hugging Face model folder?)") from None
+    return read_json(path)
 
 
 def scan(directory: Path) -> dict[str, Entry]:
@@ -62,15 +65,15 @@ def scan(directory: Path) -> dict[str, Entry]:
                 names = set(f.keys())
                 for name in sorted(names if wanted is None else wanted & names):
                     if name in entries:
-                        raise ValueError(
+                        raise InputError(
                             f"{directory}: tensor {name} is in both {entries[name].file.name} and {file.name}"
                         )
                     s = f.get_slice(name)
                     entries[name] = Entry(file, tuple(s.get_shape()), s.get_dtype())
         except SafetensorError as e:
-            raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+            raise InputError(f"{file}: corrupt or truncated safetensors file ({e})") from None
         if wanted is not None and wanted - names:
-            raise ValueError(
+            raise InputError(
                 f"{file}: {INDEX} lists {len(wanted - names)} tensor(s) this file lacks, "
                 f"e.g. {sorted(wanted - names)[0]}"
             )
@@ -78,26 +81,34 @@ def scan(directory: Path) -> dict[str, Entry]:
 
 
 def _shard_files(directory: Path) -> dict[Path, set[str] | None]:
-    """Shard file -> the tensor names the index assigns it (None: no index, take all it holds)."""
+    """Shard file -> the tensor names the index assigns it (None: no index, take all it holds).
+    Every shard is checked to be a regular file inside the folder before anything opens it."""
     index = directory / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: malformed index ({e!r})") from None
-        files: dict[Path, set[str] | None] = defaultdict(set)
+    if os.path.lexists(index):
+        weight_map = read_json(folder_file(directory, INDEX)).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(f"{index}: malformed index: 'weight_map' = {excerpt(weight_map)} is not a map of names")
+        by_name: dict[str, set[str]] = defaultdict(set)
         for name, file in weight_map.items():
-            files[directory / file].add(name)
-        missing = [f.name for f in files if not f.is_file()]
+            if not isinstance(file, str):
+                raise InputError(f"{index}: malformed index: tensor {excerpt(name)} maps to {excerpt(file)}")
+            by_name[file].add(name)
+        files: dict[Path, set[str] | None] = {}
+        missing = []
+        for file, names in sorted(by_name.items()):
+            try:
+                files[folder_file(directory, file, f"shard named by {INDEX}")] = names
+            except FileNotFoundError:
+                missing.append(file)
         if missing:
-            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {', '.join(sorted(missing))}")
-        return dict(files)
+            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
+        return files
     shards = sorted(directory.glob("*.safetensors"))
     if shards:
-        return {f: None for f in shards}
+        return {folder_file(directory, f.name, "shard"): None for f in shards}
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise ValueError(
+        raise InputError(
             f"{directory}: only pickle checkpoints ({', '.join(pickles)}); moe never unpickles "
             "(it can run code): convert them to safetensors first, e.g. with transformers' "
             "save_pretrained"
@@ -108,7 +119,7 @@ def _shard_files(directory: Path) -> dict[Path, set[str] | None]:
 def check(
     entries: dict[str, Entry], pieces: list[Piece], skipped_layers: range, optional: set[str], family: str
 ) -> None:
-    """Raise one ValueError naming every missing, unexpected, misshapen or non-float tensor."""
+    """Raise one InputError naming every missing, unexpected, misshapen or non-float tensor."""
     expected = {p.hf: p.hf_shape for p in pieces}
     missing = sorted(n for n in expected if n not in entries)
     skipped, unexpected = [], []
@@ -118,11 +129,16 @@ def check(
         layer = LAYER.match(name)
         (skipped if layer and int(layer.group(1)) in skipped_layers else unexpected).append(name)
     misshapen = [
-        f"{n} {list(entries[n].shape)} (expected {list(s)})"
+        f"{n} {list(entries[n].shape)} (expected {list(s)}) in {entries[n].file.name}"
         for n, s in expected.items()
         if n in entries and entries[n].shape != s
     ]
-    not_float = [f"{n} ({entries[n].dtype})" for n in expected if n in entries and entries[n].dtype not in FLOAT_DTYPES]
+    # Weights are floats: an F32 header retyped I32 (same bytes) would load its bits as integers.
+    not_float = [
+        f"{n} ({entries[n].dtype}) in {entries[n].file.name}"
+        for n in expected
+        if n in entries and entries[n].dtype not in FLOAT_DTYPES
+    ]
     problems = [
         (what, names)
         for what, names in (
@@ -134,7 +150,7 @@ def check(
         if names
     ]
     if problems:
-        raise ValueError(
+        raise InputError(
             f"checkpoint does not match its {family} config.json: "
             + "; ".join(f"{what}: {_listing(names)}" for what, names in problems)
         )

@@ -1,25 +1,31 @@
 """Writing Hugging Face checkpoint folders: config.json + safetensors shards (+ index).
 
 Each checkpoint tensor is assembled from its pieces when its shard is written, so memory holds
-the model plus one shard. Files are written under a temporary name and renamed into place; the
-shards of an earlier export to the same folder are removed afterwards, so the folder never
-mixes two exports' weights.
+the model plus one shard. Files are written under a temporary name, fsynced and renamed into
+place. A folder that holds anything is refused unless `overwrite=True`; then the shards and
+index of the earlier export are removed afterwards, so the folder never mixes two exports'
+weights, and every other file in it is left alone. A write that fails (disk full) removes its
+temporary file and raises an OSError naming the path.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..files import check_destination, fsync_dir, write_atomic
 from .reader import INDEX
 from .spec import Piece
 
 SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
+_EXPORT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # what an earlier export wrote
 
 
 def write_checkpoint(
@@ -30,8 +36,12 @@ def write_checkpoint(
     dtypes: dict[str, torch.dtype],
     max_shard_bytes: int = SHARD_BYTES,
     progress: bool = False,
+    *,
+    overwrite: bool = False,
 ) -> list[Path]:
-    """Write config.json and the shards; `dtypes` gives each checkpoint tensor's dtype. Returns the shards."""
+    """Write config.json and the shards; `dtypes` gives each checkpoint tensor's dtype. Returns the shards.
+    `directory` must be empty or absent unless overwrite=True (module docstring)."""
+    check_destination(directory, overwrite, "pass overwrite=True to replace the model files in it")
     by_name: dict[str, list[Piece]] = {}
     for p in pieces:
         by_name.setdefault(p.hf, []).append(p)
@@ -54,8 +64,8 @@ def write_checkpoint(
     if len(files) > 1:
         weight_map = {name: file for file, names in zip(files, shards) for name in names}
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-        _atomic(directory / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
-    _atomic(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+        write_atomic(directory / INDEX, (json.dumps(index, indent=2) + "\n").encode())
+    write_atomic(directory / "config.json", (json.dumps(config, indent=2) + "\n").encode())
     _remove_stale(directory, set(files))
     return [directory / f for f in files]
 
@@ -82,17 +92,31 @@ def _plan_shards(names: list[str], sizes: dict[str, int], limit: int) -> list[li
 
 
 def _atomic(path: Path, write) -> None:
+    """write(tmp name), fsync, rename over path; safetensors' I/O errors become OSErrors naming path."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        tmp.unlink(missing_ok=True)  # a leftover, possibly a symlink: never written through
         write(str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))  # safetensors reports ENOSPC as "... (os error 28)"
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def _remove_stale(directory: Path, keep: set[str]) -> None:
-    for old in directory.glob("model*.safetensors"):
-        if old.name not in keep:
+    """The shards and index of an earlier export (overwrite=True), never another file."""
+    for old in list(directory.iterdir()):
+        if _EXPORT_FILES.fullmatch(old.name) and old.name not in keep:
             old.unlink()
     if len(keep) == 1:
         (directory / INDEX).unlink(missing_ok=True)

@@ -185,7 +185,7 @@ def test_sharded_export_loads_identically_and_reexport_removes_stale_shards(tmp_
     loaded = Transformer.from_hf(tmp_path)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
-    save_hf(model, tmp_path)  # one shard now: the old ones and the index must go
+    save_hf(model, tmp_path, overwrite=True)  # one shard now: the old ones and the index must go
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
