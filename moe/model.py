@@ -110,6 +110,12 @@ class Transformer(nn.Module):
         the embedding, as a device-side assert. Compiled on a CPU, inductor's bounds check
         raises a RuntimeError instead.
         """
+        return self.lm_head(self.norm(self.hidden(input_ids, cache)))
+
+    def hidden(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """input_ids [B, S] -> the last block's output h [B, S, D], before the final norm: what
+        `forward` turns into logits, and what a multi-token-prediction head continues from.
+        Same arguments, checks and cache behaviour as `forward`."""
         self._check_ids(input_ids)
         start = cache.seq_len if cache is not None else 0
         positions_S = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
@@ -118,7 +124,7 @@ class Transformer(nn.Module):
             x_BSD = block(x_BSD, positions_S, cache)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
-        return self.lm_head(self.norm(x_BSD))
+        return x_BSD
 
     def _check_ids(self, input_ids: Tensor) -> None:
         vocab, device = self.config.vocab_size, self.embed_tokens.weight.device
