@@ -5,6 +5,7 @@
 #   COMMIT=... OUT=... bash bench/gpu_session.sh quick     # kernel tests, grouped_gemm and moe_layer --quick
 #   COMMIT=... OUT=... bash bench/gpu_session.sh calibrate # moe_layer --quick and bench/run_all.py
 #   COMMIT=... OUT=... bash bench/gpu_session.sh full      # grouped_gemm and moe_layer on every shape
+#   COMMIT=... OUT=... bash bench/gpu_session.sh infer     # decode against the bandwidth floor; ours vs transformers
 #   TUNE_KINDS="--tune-kind dw" ... bash bench/gpu_session.sh tune  # sweep tile configs, then --quick with them;
 #                                                                     the table comes back as session/gemm_configs.json
 #
@@ -55,6 +56,11 @@ calibrate)  # the whole-layer bench on the quick shapes, then every calibration 
 full)
   step grouped_gemm "${GEMM_LIMIT:-420}" $py bench/grouped_gemm.py --commit "$COMMIT" --out "$dir/results"
   step moe_layer "${LAYER_LIMIT:-170}" $py bench/moe_layer.py --results-dir "$dir/results"
+  ;;
+infer)  # prefill and decode at batch 1, 8, 64 against the bandwidth floor; then ours vs transformers' generate
+  step infer_qwen 150 $py -m moe bench infer --config qwen3-moe-mini --batch-sizes 1,8,64 --save --results-dir "$dir/results"
+  step infer_dsv3 150 $py -m moe bench infer --config deepseek-v3-mini --batch-sizes 1,8,64 --save --results-dir "$dir/results"
+  step infer_vs_hf 240 $py bench/infer_vs_transformers.py --preset gpu --dtype bf16 --save --results-dir "$dir/results"
   ;;
 tune)  # tune KINDS (default: every kind) in place, keep the table, then time the quick shapes with it
   step tune "${TUNE_LIMIT:-330}" $py bench/grouped_gemm.py --tune ${TUNE_KINDS:-} --commit "$COMMIT"

@@ -28,9 +28,19 @@ class KVCache:
     latent (c_kv [B, S, C], k_rope [B, 1, S, Dr]): the memory saving that motivates MLA.
     """
 
+    static = False
+
     def __init__(self, num_layers: int):
         self.layers: list[tuple[Tensor, ...] | None] = [None] * num_layers
         self.seq_len = 0  # tokens already in the cache; the model advances it after each call
+
+    def slots(self, n: int, device: torch.device) -> Tensor:
+        """The cache slots [N] the next n tokens take (also their default positions)."""
+        return torch.arange(self.seq_len, self.seq_len + n, device=device)
+
+    def key_len(self, n: int) -> int:
+        """S, the keys a call adding n tokens attends over."""
+        return self.seq_len + n
 
     def update(self, layer_idx: int, *new: Tensor) -> tuple[Tensor, ...]:
         old = self.layers[layer_idx]
@@ -38,14 +48,73 @@ class KVCache:
         self.layers[layer_idx] = full
         return full
 
+    def advance(self, n: int) -> None:
+        self.seq_len += n
 
-def attend(q_BHNd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, scale: float) -> Tensor:
-    """Causal attention of T new queries over S keys, the last T of which are the new tokens."""
+
+class StaticKVCache:
+    """A KV cache preallocated to max_len slots per sequence: every decoding step has the same
+    shapes, so `torch.compile(fullgraph=True)` captures it once (with mode="reduce-overhead", as a
+    CUDA graph). Same per-layer layouts as KVCache, with S = max_len.
+
+    New keys are written in place at slots index .. index + N - 1 (`index_copy_`); `index` is a
+    0-d int64 tensor, not a Python int, so that the compiled step does not specialise on it. Every
+    call attends over all max_len slots under a mask that hides the slots not yet written (the
+    causal mask in slot order does that). Writing past max_len fails (CPU: an index error; CUDA:
+    a device-side assert): the caller keeps count (moe.generate slides its window first).
+    """
+
+    static = True
+
+    def __init__(self, shapes: list[tuple[tuple[int, ...], ...]], dtype: torch.dtype, device: torch.device | str):
+        self.layers = [tuple(torch.zeros(shape, dtype=dtype, device=device) for shape in layer) for layer in shapes]
+        self.max_len = shapes[0][0][-2] if shapes else 0
+        self.index = torch.zeros((), dtype=torch.long, device=device)
+        # Fixed addresses: CUDA graphs may then write into them (and into `index`) in place.
+        for t in [self.index, *(t for layer in self.layers for t in layer)]:
+            torch._dynamo.mark_static_address(t)
+
+    def slots(self, n: int, device: torch.device) -> Tensor:
+        return self.index + torch.arange(n, device=device)
+
+    def key_len(self, n: int) -> int:
+        return self.max_len
+
+    def update(self, layer_idx: int, *new: Tensor) -> tuple[Tensor, ...]:
+        full = self.layers[layer_idx]
+        slots_N = self.slots(new[0].shape[-2], new[0].device)
+        for buffer, n in zip(full, new):
+            buffer.index_copy_(buffer.dim() - 2, slots_N, n.to(buffer.dtype))
+        return full
+
+    def advance(self, n: int) -> None:
+        self.index += n
+
+    def reset(self) -> None:
+        """Empty the cache for a new batch (the buffers are kept; old keys are masked out)."""
+        self.index.zero_()
+
+
+def causal_mask(slots_N: Tensor, key_len: int, key_mask_BS: Tensor | None = None) -> Tensor:
+    """Boolean attention mask [1 or B, 1, N, S] (True = attend): the query in cache slot
+    slots_N[i] sees the keys in slots 0..slots_N[i] (in a static cache, never a slot not yet
+    written) that key_mask_BS [B, S] marks as real tokens. Each query always sees its own slot,
+    so that the row of a padding token has one key and stays finite (an all-masked row is NaN,
+    and NaN values would leak through zero attention weights: 0 * NaN = NaN)."""
+    keys_S = torch.arange(key_len, device=slots_N.device)
+    causal_NS = keys_S[None, :] <= slots_N[:, None]
+    if key_mask_BS is None:
+        return causal_NS[None, None]
+    own_NS = keys_S[None, :] == slots_N[:, None]
+    return (causal_NS & key_mask_BS.bool()[:, None, None, :]) | own_NS
+
+
+def attend(q_BHNd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
+    """Causal attention of N new queries over S keys, the last N of which are the new tokens;
+    with `mask` (from `causal_mask`: padding, a static cache), the keys it allows."""
     N, S = q_BHNd.shape[-2], k_BHSd.shape[-2]
-    mask, causal = None, False
-    if N == S:
-        causal = True
-    elif N > 1:  # a chunk after a cached prefix: query i sees keys 0..S-N+i
+    causal = mask is None and N == S
+    if mask is None and 1 < N < S:  # a chunk after a cached prefix: query i sees keys 0..S-N+i
         mask = torch.arange(S, device=q_BHNd.device)[None, :] <= torch.arange(N, device=q_BHNd.device)[:, None] + S - N
     return F.scaled_dot_product_attention(
         q_BHNd,
@@ -56,6 +125,9 @@ def attend(q_BHNd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, scale: float) -> Tens
         scale=scale,
         enable_gqa=k_BHSd.shape[1] != q_BHNd.shape[1],
     )
+
+
+Cache = KVCache | StaticKVCache
 
 
 class Attention(nn.Module):
@@ -79,7 +151,14 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.rotary = Rotary(config.rotary_dim, config.rope_theta, config.rope_interleave, config.rope_scaling)
 
-    def forward(self, x_BND: Tensor, positions_N: Tensor, cache: KVCache | None = None) -> Tensor:
+    def cache_shapes(self, batch_size: int, max_len: int) -> tuple[tuple[int, ...], ...]:
+        """Shapes of this layer's static cache: k and v [B, Hkv, max_len, Dh]."""
+        return ((batch_size, self.Hkv, max_len, self.Dh),) * 2
+
+    def forward(
+        self, x_BND: Tensor, positions_N: Tensor, cache: Cache | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """positions [N] or per sequence [B, N]; mask from `causal_mask` or None (plain causal)."""
         B, N, _ = x_BND.shape
         q = self.q_proj(x_BND).view(B, N, self.H, self.Dh).transpose(1, 2)  # [B, H, N, Dh]
         k = self.k_proj(x_BND).view(B, N, self.Hkv, self.Dh).transpose(1, 2)  # [B, Hkv, N, Dh]
@@ -90,7 +169,7 @@ class Attention(nn.Module):
         q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attend(q, k, v, scale=self.Dh**-0.5)  # [B, H, N, Dh]
+        out = attend(q, k, v, scale=self.Dh**-0.5, mask=mask)  # [B, H, N, Dh]
         return self.o_proj(out.transpose(1, 2).reshape(B, N, self.H * self.Dh))
 
 
@@ -126,7 +205,14 @@ class MLAttention(nn.Module):
         if scaling.get("mscale_all_dim"):  # DeepSeek-V3 with YaRN: sharper softmax for the longer context
             self.scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
 
-    def forward(self, x_BND: Tensor, positions_N: Tensor, cache: KVCache | None = None) -> Tensor:
+    def cache_shapes(self, batch_size: int, max_len: int) -> tuple[tuple[int, ...], ...]:
+        """Shapes of this layer's static cache: the latent c_kv [B, max_len, C], k_rope [B, 1, max_len, Dr]."""
+        return (batch_size, max_len, self.C), (batch_size, 1, max_len, self.Dr)
+
+    def forward(
+        self, x_BND: Tensor, positions_N: Tensor, cache: Cache | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """positions [N] or per sequence [B, N]; mask from `causal_mask` or None (plain causal)."""
         B, N, _ = x_BND.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x_BND)
@@ -148,5 +234,5 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split((self.Dn, self.Dv), dim=-1)  # [B, H, S, Dn], [B, H, S, Dv]
         k = torch.cat((k_nope, k_rope.expand(B, self.H, S, self.Dr)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
-        out = attend(q, k, v, scale=self.scale)  # [B, H, N, Dv]
+        out = attend(q, k, v, scale=self.scale, mask=mask)  # [B, H, N, Dv]
         return self.o_proj(out.transpose(1, 2).reshape(B, N, self.H * self.Dv))

@@ -229,6 +229,14 @@ class ModelConfig:
         moe_pattern: "2-4-2-4": 2 dense, 4 MoE, repeating to the depth (a period of at most 10000 layers).
         first_k_dense, moe_every: after first_k_dense dense layers, every moe_every-th layer is MoE.
         moe: the MoE layers' MoEConfig; null: a dense model.
+
+    Multi-token prediction (DeepSeek-V3 section 2.2; Ling 2.0), see moe/mtp.py:
+        num_mtp_layers: MTP modules chained after the main model; module k (1-based) at position i
+            predicts token i+k+1 from module k-1's hidden state and the embedding of token i+k.
+            Each adds one block like the last layer's (MoE or dense), two norms and a projection;
+            embedding and output head are shared. 0 = none (DeepSeek-V3: 1). 0..L.
+        mtp_loss_coef: lambda, the weight of the mean MTP cross-entropy over the modules in the
+            training loss (DeepSeek-V3: 0.3 for the first 10T tokens, then 0.1). >= 0.
     """
 
     name: str = "model"
@@ -268,6 +276,10 @@ class ModelConfig:
     moe_layers: list[int] | None = None
     moe: MoEConfig | None = field(default_factory=MoEConfig)
 
+    # Multi-token prediction.
+    num_mtp_layers: int = 0
+    mtp_loss_coef: float = 0.3
+
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = _from_dict(MoEConfig, self.moe, prefix="moe.")
@@ -292,6 +304,7 @@ class ModelConfig:
                 "v_head_dim": (1, MAX_HIDDEN),
                 "first_k_dense": (0, MAX_LAYERS),
                 "moe_every": (1, MAX_LAYERS),
+                "num_mtp_layers": (0, MAX_LAYERS),
             },
         )
         _check_floats(
@@ -302,8 +315,11 @@ class ModelConfig:
                 "rope_theta": (lambda v: v > 1, "must be > 1 (a base <= 1 gives no decaying frequencies)"),
                 "rope_fraction": (_unit, "must be in (0, 1]"),
                 "latent_norm_eps": (_unit, "must be in (0, 1] or null"),
+                "mtp_loss_coef": (_non_negative, "must be >= 0"),
             },
         )
+        if self.num_mtp_layers > self.num_layers:  # each module is as large as a main layer
+            _fail("num_mtp_layers", self.num_mtp_layers, f"must be <= num_layers ({self.num_layers})")
         self._check_attention()
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)

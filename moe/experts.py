@@ -20,6 +20,14 @@ Backends (MoEConfig.backend), all computing the same function:
             to "torch" (one warning) where Triton cannot run: no triton, or CPU tensors
             without TRITON_INTERPRET=1. Behind another dispatcher the rows arrive already
             moved, and "triton" computes them with torch's grouped_mm.
+
+Decode path ("torch" and "triton", without autograd): when a call has few rows (R <= E / 3, e.g.
+decoding one token of DeepSeek-V3: R = 8 of E = 256), most experts get no row, and the step
+should read only the weights of the experts it uses. `gathered_ffn` takes each row's expert's
+weights (w_in[e_r], w_out[e_r]) and runs two batched matmuls of one row each (transformers'
+`batched_mm`). Why E / 3: the gather reads R experts' weights, writes their copies and the
+bmm reads the copies again, about 3R experts' worth of memory traffic against E for a GEMM that
+reads every expert. The training path (autograd on) never takes it.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ from .dispatch import DispatchPlan
 
 # torch.nn.functional.grouped_mm takes these on CPU; on CUDA (torch 2.8-2.11) bf16 only.
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# The decode path runs when rows * GATHER_TRAFFIC <= experts (see the module docstring).
+GATHER_TRAFFIC = 3
 
 
 class Experts(nn.Module):
@@ -58,6 +69,8 @@ class Experts(nn.Module):
         mean (see moe/distributed/all_to_all.py).
         """
         w_in, w_out = self.w_in, self.w_out
+        if self.takes_decode_path(x_RD.shape[0]):
+            return gathered_ffn(x_RD, expert_of_rows(offs, x_RD.shape[0]), w_in, w_out, self.activation)
         if weight_grad_scale != 1.0:
             w_in, w_out = _ScaleGrad.apply(w_in, weight_grad_scale), _ScaleGrad.apply(w_out, weight_grad_scale)
         mm = eager_grouped_mm if self.backend == "eager" else torch_grouped_mm
@@ -67,7 +80,7 @@ class Experts(nn.Module):
     def fused(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor | None:
         """Token rows in, per-slot outputs out, [T, D] -> [A, D], with the gather and scatter
         inside the GEMMs; None where this backend has no fused path (or Triton cannot run)."""
-        if self.backend != "triton":
+        if self.backend != "triton" or self.takes_decode_path(plan.row_slot.numel()):
             return None
         moe_kernels = _triton_kernels(x_TD)
         if moe_kernels is None:
@@ -82,6 +95,31 @@ class Experts(nn.Module):
             plan.row_slot.numel(),
             self.activation,
         )
+
+    def takes_decode_path(self, rows: int) -> bool:
+        """Few rows and no autograd: `gathered_ffn` reads only the chosen experts' weights. `rows`
+        is a static shape, so under torch.compile this is a constant, not a guard on data."""
+        return (
+            self.backend != "eager"  # the eager loop stays the readable reference at every size
+            and rows * GATHER_TRAFFIC <= self.w_in.shape[0]
+            and not (torch.is_grad_enabled() and self.w_in.requires_grad)
+        )
+
+
+def expert_of_rows(offs: Tensor, rows: int) -> Tensor:
+    """The expert of each grouped row [R] int64: the number of group ends at or before the row.
+    Rows past offs[-1] (drops) get the last expert; callers mask them (their output is unspecified)."""
+    row_R = torch.arange(rows, device=offs.device, dtype=offs.dtype)
+    return torch.searchsorted(offs, row_R, right=True).clamp(max=offs.numel() - 1)
+
+
+def gathered_ffn(x_RD: Tensor, expert_R: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> Tensor:
+    """Expert FFN of each row with its own expert's weights, gathered: [R, D] -> [R, D].
+    Reads only the weights of the experts in expert_R (once per row); no host sync."""
+    x_RD, w_in = _autocast(x_RD, w_in)
+    h_R1F = torch.bmm(x_RD.unsqueeze(1), w_in[expert_R])  # [R, 1, D] @ [R, D, 2F]
+    h_R1F = activate(h_R1F, activation)
+    return torch.bmm(h_R1F, w_out[expert_R].to(h_R1F.dtype)).squeeze(1)  # [R, 1, F] @ [R, F, D]
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
@@ -138,8 +176,12 @@ def _native_grouped_mm(a_RK: Tensor, b_EKN: Tensor, offs: Tensor) -> Tensor:
         a_RK = F.pad(a_RK, (0, pad_k))
         b_EKN = F.pad(b_EKN, (0, pad_n, 0, pad_k))
     # offs must be contiguous: on CUDA (torch 2.11) grouped_mm reads offs from its data pointer
-    # with unit stride, so a strided view (offs[P-1::P]) silently groups the wrong rows.
-    out = F.grouped_mm(a_RK, b_EKN, offs=offs.contiguous())
+    # with unit stride, so a strided view (offs[P-1::P]) silently groups the wrong rows; and
+    # torch >= 2.14 refuses any stride but (1,), even that of a one-element view, which
+    # .contiguous() leaves as it is (a size-1 dim counts as contiguous whatever its stride).
+    if offs.stride(0) != 1:
+        offs = offs.clone(memory_format=torch.contiguous_format)
+    out = F.grouped_mm(a_RK, b_EKN, offs=offs)
     return out[:, :N] if pad_n else out
 
 

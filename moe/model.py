@@ -14,16 +14,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
 
-from .attention import Attention, KVCache, MLAttention
+from .attention import Attention, Cache, KVCache, MLAttention, StaticKVCache, causal_mask
 from .config import ModelConfig
 from .errors import InputError
 from .layer import MoE
 from .mlp import MLP
+from .mtp import MTPModule, mtp_loss
 from .norm import RMSNorm
 
 
@@ -53,12 +54,16 @@ class Block(nn.Module):
         super().__init__()
         D = config.hidden_size
         self.attn_norm = RMSNorm(D, config.norm_eps)
-        self.attn = (MLAttention if config.attention == "mla" else Attention)(config, layer_idx)
+        self.attn: Attention | MLAttention = (MLAttention if config.attention == "mla" else Attention)(
+            config, layer_idx
+        )
         self.ffn_norm = RMSNorm(D, config.norm_eps)
         self.ffn = MoE(config.moe, D) if use_moe and config.moe is not None else MLP(D, config.ffn_size)
 
-    def forward(self, x_BSD: Tensor, positions_S: Tensor, cache: KVCache | None = None) -> Tensor:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_S, cache)
+    def forward(
+        self, x_BSD: Tensor, positions_S: Tensor, cache: Cache | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_S, cache, mask)
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))
 
 
@@ -81,6 +86,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Multi-token prediction modules (moe/mtp.py), each with a block like the last layer's;
+        # built before reset_parameters so that they are initialised with the rest.
+        last_is_moe = layer_plan(config)[-1]
+        self.mtp = nn.ModuleList(MTPModule(config, Block(config, 0, last_is_moe)) for _ in range(config.num_mtp_layers))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -98,7 +107,13 @@ class Transformer(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 module.bias.zero_()
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        cache: Cache | None = None,
+        positions: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
         """input_ids [B, S] (int64 or int32, each in 0..V-1) -> logits [B, S, V] in the model's dtype.
 
         With a cache (`new_cache()`), the S tokens continue the ones already in it (positions
@@ -109,22 +124,51 @@ class Transformer(nn.Module):
         its corpus and `generate` its prompt once): an id outside the vocabulary fails inside
         the embedding, as a device-side assert. Compiled on a CPU, inductor's bounds check
         raises a RuntimeError instead.
-        """
-        return self.lm_head(self.norm(self.hidden(input_ids, cache)))
 
-    def hidden(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        Batches of sequences of different lengths (left-padded, see moe.generate.generate_batch):
+        `positions` [B, S] gives each token's RoPE position (default: its cache slot), and
+        `attention_mask` [B, K] (bool or 0/1; K = the keys this call attends over: cached + new
+        tokens, or a static cache's max_len) marks the real tokens; padding keys are never
+        attended. With a static cache (`new_cache(static=True, ...)`) every call attends over
+        max_len slots under a mask, so that a decode step has fixed shapes.
+        """
+        return self.lm_head(self.norm(self.hidden(input_ids, cache, positions, attention_mask)))
+
+    def hidden(
+        self,
+        input_ids: Tensor,
+        cache: Cache | None = None,
+        positions: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
         """input_ids [B, S] -> the last block's output h [B, S, D], before the final norm: what
         `forward` turns into logits, and what a multi-token-prediction head continues from.
         Same arguments, checks and cache behaviour as `forward`."""
         self._check_ids(input_ids)
-        start = cache.seq_len if cache is not None else 0
-        positions_S = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        B, S = input_ids.shape
+        slots_S = cache.slots(S, input_ids.device) if cache is not None else torch.arange(S, device=input_ids.device)
+        key_len = cache.key_len(S) if cache is not None else S
+        self._check_positions(positions, attention_mask, B, S, key_len)
+        mask = None  # None: plain causal attention, the fast path of scaled_dot_product_attention
+        if attention_mask is not None or (cache is not None and cache.static):
+            mask = causal_mask(slots_S, key_len, attention_mask)
+        positions = slots_S if positions is None else positions
         x_BSD = self.embed_tokens(input_ids)
         for block in self.layers:
-            x_BSD = block(x_BSD, positions_S, cache)
+            x_BSD = block(x_BSD, positions, cache, mask)
         if cache is not None:
-            cache.seq_len += input_ids.shape[1]
+            cache.advance(S)
         return x_BSD
+
+    @staticmethod
+    def _check_positions(positions: Tensor | None, attention_mask: Tensor | None, B: int, S: int, K: int) -> None:
+        if positions is not None and tuple(positions.shape) not in ((B, S), (S,)):
+            raise InputError(f"positions must be [batch, tokens] = [{B}, {S}] or [{S}], got {tuple(positions.shape)}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, K):
+            raise InputError(
+                f"attention_mask must be [batch, keys] = [{B}, {K}] (cached + new tokens, or a static "
+                f"cache's max_len), got {tuple(attention_mask.shape)}"
+            )
 
     def _check_ids(self, input_ids: Tensor) -> None:
         vocab, device = self.config.vocab_size, self.embed_tokens.weight.device
@@ -151,11 +195,28 @@ class Transformer(nn.Module):
         losses = [m.aux_loss for m in self.moe_layers()]
         return torch.stack(losses).sum() if losses else self.lm_head.weight.new_zeros(())
 
-    def new_cache(self) -> KVCache:
+    def new_cache(
+        self, static: bool = False, batch_size: int | None = None, max_len: int | None = None
+    ) -> KVCache | StaticKVCache:
         """An empty KV cache for `forward(ids, cache)`: per layer, GQA keeps k and v
-        [B, Hkv, S, Dh], MLA its latent c_kv [B, S, C] and k_rope [B, 1, S, Dr], S growing with
-        each call; `cache.seq_len` counts the tokens in it. One cache per batch of sequences."""
-        return KVCache(len(self.layers))
+        [B, Hkv, S, Dh], MLA its latent c_kv [B, S, C] and k_rope [B, 1, S, Dr]. One cache per
+        batch of sequences.
+
+        Default: a growing cache, S growing with each call; `cache.seq_len` counts the tokens in
+        it. static=True: a `StaticKVCache` preallocated to S = max_len (default: the config's
+        max_seq_len) for batch_size sequences, in the model's dtype and on its device, whose
+        decode steps have fixed shapes (torch.compile, CUDA graphs); `cache.index` (a tensor)
+        counts the tokens in it."""
+        if not static:
+            return KVCache(len(self.layers))
+        if batch_size is None or batch_size < 1:
+            raise InputError(f"a static cache needs batch_size >= 1, got {batch_size}")
+        max_len = self.config.max_seq_len if max_len is None else max_len
+        if max_len < 1:
+            raise InputError(f"a static cache needs max_len >= 1, got {max_len}")
+        shapes = [cast(Block, block).attn.cache_shapes(batch_size, max_len) for block in self.layers]
+        weight = self.lm_head.weight
+        return StaticKVCache(shapes, weight.dtype, weight.device)
 
     # Checkpoints. The file layouts live in moe.io, which stands above this module and registers
     # them in CHECKPOINT_FORMATS when `import moe` loads it: the model does not import its readers.
@@ -190,6 +251,13 @@ class Transformer(nn.Module):
         the checkpoint's), `device=`, `backend=` (the experts backend), `progress=`; see
         moe.io.hf.load_hf."""
         return checkpoint_format("hf").load(directory, **kwargs)
+
+    # Multi-token prediction (moe/mtp.py); forward() never runs the MTP modules.
+
+    def mtp_loss(self, h_BSD: Tensor, input_ids_BS: Tensor, targets_BS: Tensor) -> Tensor:
+        """Mean cross-entropy of the MTP modules (depth k at position i predicts t_{i+k+1} =
+        targets[:, i+k]) from h_BSD = `hidden(input_ids_BS)`; zero without MTP modules."""
+        return mtp_loss(self, h_BSD, input_ids_BS, targets_BS)
 
 
 class CheckpointFormat(NamedTuple):

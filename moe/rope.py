@@ -84,8 +84,11 @@ class Rotary(nn.Module):
         self.inv_freq = rope_frequencies(self.rotary_dim, self.theta, self.scaling)[0].to(device)
 
     def angles(self, positions_N: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin of each position's angles: [N] -> 2 x [N, Fr] (fp32)."""
-        freqs_NFr = positions_N.float()[:, None] * self.inv_freq.float()[None, :]
+        """cos, sin of each position's angles: [N] -> 2 x [N, Fr] (fp32); per-sequence positions
+        [B, N] -> 2 x [B, 1, N, Fr], which broadcast over the heads of x [B, H, N, head_dim]."""
+        freqs_NFr = positions_N.float()[..., None] * self.inv_freq.float()
+        if positions_N.dim() == 2:
+            freqs_NFr = freqs_NFr.unsqueeze(1)  # [B, 1, N, Fr]
         if self.attention_factor == 1.0:
             return freqs_NFr.cos(), freqs_NFr.sin()
         return freqs_NFr.cos() * self.attention_factor, freqs_NFr.sin() * self.attention_factor

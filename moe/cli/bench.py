@@ -9,6 +9,7 @@ import torch
 
 from ..config import load_config
 from ..device import pick_device
+from ..errors import excerpt
 from ..perf import device_peaks, results, timing
 from ..perf.bench import check_backend, run_infer, run_layers, run_train, with_backend
 from .configs import add_config_argument, config_spec
@@ -53,7 +54,24 @@ def _infer_arguments(p: argparse.ArgumentParser) -> None:
         "--prompt-len", type=positive_int, default=None, help="prompt tokens (default: min(128, max_seq_len))"
     )
     p.add_argument("--new-tokens", type=positive_int, default=16, help="tokens decoded after the prompt (default 16)")
+    p.add_argument(
+        "--batch-sizes",
+        type=_batch_sizes,
+        default=None,
+        help="comma-separated batch sizes, e.g. 1,8,64: each timed and set against its memory-bandwidth floor "
+        "(default: --batch-size)",
+    )
     p.add_argument("--backend", default=None, help="override the config's expert backend (eager, torch, triton)")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    """The --batch-sizes text, e.g. "1,8,64" -> [1, 8, 64]; each a positive integer."""
+    try:
+        return [positive_int(part.strip()) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be positive integers separated by commas, got {excerpt(text)}"
+        ) from None
 
 
 def _layers_arguments(p: argparse.ArgumentParser) -> None:
@@ -150,8 +168,14 @@ def _print(result: dict) -> None:
                     f"{res['decode_ms_per_step']:.4g} ms per step, KV cache)",
                 ),
                 ("peak memory", _memory(res["peak_memory"])),
+                (
+                    "bandwidth",
+                    f"{res['bandwidth']['bytes_per_s'] / 1e9:.4g} GB/s measured "
+                    f"({res['bandwidth']['copy_bytes'] / 2**20:.0f} MiB copy)",
+                ),
             ]
         )
+        _floor_table(res["batches"], s["prompt_len"])
     else:
         print(f"  {'layer':<10}{'backend':<9}{'fwd ms':>10}{'fwd+bwd ms':>12}{'tokens/s':>12}{'TFLOP/s':>10}")
         for r in res["layers"]:
@@ -161,6 +185,22 @@ def _print(result: dict) -> None:
                 f"{fb['median_s'] * 1e3:>12.4g}{fb['tokens_per_s']:>12.4g}{fb['tflops']:>10.3g}"
             )
         print("  (tokens/s and TFLOP/s of forward + backward)")
+
+
+def _floor_table(batches: list[dict], prompt_len: int) -> None:
+    """Each step against its memory-bandwidth floor (bytes it must read / measured bandwidth)."""
+    head = f"{'step':<16}{'batch':>6}{'tokens/s':>11}{'ms/step':>10}{'MB/step':>10}{'GB/s':>9}{'floor ms':>10}"
+    print(f"  {head}{'ratio':>9}")
+    for row in batches:
+        for kind in ("prefill", "decode"):
+            r = row[kind]
+            label = f"prefill x{prompt_len}" if kind == "prefill" else "decode"
+            print(
+                f"  {label:<16}{row['batch_size']:>6}{r['tokens_per_s']:>11.4g}{r['step_s'] * 1e3:>10.4g}"
+                f"{r['bytes_per_step'] / 1e6:>10.4g}{r['achieved_bytes_per_s'] / 1e9:>9.3g}"
+                f"{r['floor_s'] * 1e3:>10.4g}{r['ratio']:>9.4g}"
+            )
+    print("  (ratio = step time / floor; floor = bytes the step must read / measured bandwidth)")
 
 
 def _rows(rows: list[tuple[str, str]]) -> None:

@@ -110,7 +110,10 @@ def main(args: argparse.Namespace) -> int:
     model = load_for_generation(folder, device=device)  # after every check of the small files: weights are slow
     _check_vocabulary(prompt, model.config.vocab_size, tokenizer)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(model, torch.tensor([prompt]), args.max_new_tokens, args.temperature, args.top_k, generator)
+    stop_ids = tokenizer.eos_ids if tokenizer else ()  # stop at the end token instead of cutting afterwards
+    out = generate(
+        model, torch.tensor([prompt]), args.max_new_tokens, args.temperature, args.top_k, generator, stop_ids=stop_ids
+    )
     ids: list[int] = cast(torch.Tensor, out)[0].tolist()
     if tokenizer is None:
         print(decode(ids))

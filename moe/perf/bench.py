@@ -15,6 +15,7 @@ not in these numbers. `--save` writes bench/results/<device>/<bench>-<config>.js
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import get_args
 
 import torch
@@ -25,7 +26,7 @@ from ..extras import require
 from ..model import Transformer
 from ..train.args import TrainArgs
 from ..train.step import build_model, build_optimizer, train_step
-from . import components, flops, timing
+from . import components, floor, flops, timing
 
 # Bytes per parameter to train with fp32 weights, fp32 gradients and two fp32 AdamW moments.
 TRAIN_BYTES_PER_PARAM = 16
@@ -124,33 +125,24 @@ def run_train(args, config: ModelConfig, device: torch.device, dtype: str) -> tu
 
 
 def run_infer(args, config: ModelConfig, device: torch.device, dtype: str) -> tuple[dict, dict]:
+    """Prefill and KV-cached greedy decoding at each batch size of `--batch-sizes` (else
+    `--batch-size`), each step set against its memory-bandwidth floor (moe/perf/floor.py). The
+    top-level prefill/decode figures are those of the first batch size; `batches` has them all."""
     prompt_len = args.prompt_len or min(128, config.max_seq_len)
+    batch_sizes = getattr(args, "batch_sizes", None) or [args.batch_size]
     counts = flops.count(config, prompt_len)
     _check_fits(counts.params_total * timing.DTYPES[dtype].itemsize, device, f"inference of {config.name}")
+    bandwidth = floor.measure_bandwidth(device, warmup=max(args.warmup, 1), repeats=args.repeats)
     torch.manual_seed(0)
     model = Transformer(config).to(device=device, dtype=timing.DTYPES[dtype]).eval()
-    prompt = torch.randint(config.vocab_size, (args.batch_size, prompt_len), device=device)
     timing.reset_peak_memory(device)
-    with torch.no_grad():
-        prefill = timing.measure(lambda: model(prompt, model.new_cache()), device, args.warmup, args.repeats)
-        base = model.new_cache()
-        first = model(prompt, base)[:, -1:].argmax(-1)  # [B, 1]
-
-        def decode() -> torch.Tensor:
-            # The cache's update concatenates into new tensors, so a shallow copy of the prefilled
-            # cache restarts every repeat from the same prompt.
-            cache = model.new_cache()
-            cache.layers, cache.seq_len = list(base.layers), base.seq_len
-            token = first
-            for _ in range(args.new_tokens):
-                token = model(token, cache)[:, -1:].argmax(-1)  # greedy; stays on the device
-            return token
-
-        decoding = timing.measure(decode, device, args.warmup, args.repeats)
+    rows = [_infer_at(model, B, prompt_len, args, device, bandwidth["bytes_per_s"]) for B in batch_sizes]
     memory = timing.peak_memory(device)
-    prefill_tps = args.batch_size * prompt_len / prefill.median_s
+    first, B0 = rows[0], batch_sizes[0]
+    prefill_tps = B0 * prompt_len / first["prefill"]["timing"]["median_s"]
     settings = {
-        "batch_size": args.batch_size,
+        "batch_size": B0,
+        "batch_sizes": batch_sizes,
         "prompt_len": prompt_len,
         "new_tokens": args.new_tokens,
         "backend": config.moe and config.moe.backend,
@@ -158,15 +150,69 @@ def run_infer(args, config: ModelConfig, device: torch.device, dtype: str) -> tu
         "decoding": "greedy",
     }
     return settings, {
-        "prefill": prefill.to_dict(),
+        "prefill": first["prefill"]["timing"],
         "prefill_tokens_per_s": prefill_tps,
         "prefill_forward_flops_per_token": counts.forward_flops_per_token,
         "prefill_achieved_tflops": prefill_tps * counts.forward_flops_per_token / 1e12,
-        "decode": decoding.to_dict(),
-        "decode_tokens_per_s": args.batch_size * args.new_tokens / decoding.median_s,
-        "decode_ms_per_step": decoding.median_s / args.new_tokens * 1e3,
+        "decode": first["decode"]["timing"],
+        "decode_tokens_per_s": B0 * args.new_tokens / first["decode"]["timing"]["median_s"],
+        "decode_ms_per_step": first["decode"]["timing"]["median_s"] / args.new_tokens * 1e3,
         "peak_memory": memory,
+        "bandwidth": bandwidth,
+        "batches": rows,
     }
+
+
+def _infer_at(model: Transformer, B: int, prompt_len: int, args, device: torch.device, bytes_per_s: float) -> dict:
+    """One batch size: the prefill of B x prompt_len tokens and `new_tokens` greedy decode steps,
+    timed, then replayed once untimed with the routers recorded to count each step's bytes."""
+    prompt = torch.randint(model.config.vocab_size, (B, prompt_len), device=device)
+    with torch.no_grad():
+        prefill = timing.measure(lambda: model(prompt, model.new_cache()), device, args.warmup, args.repeats)
+        decoding = _time_decode(model, prompt, args.new_tokens, device, args.warmup, args.repeats)
+        with floor.RoutingRecorder(model) as routing:
+            cache = model.new_cache()
+            token = model(prompt, cache)[:, -1:].argmax(-1)  # [B, 1]
+            prefill_bytes = floor.step_bytes(model, prompt, prompt_len, routing.distinct())
+            steps = []
+            for i in range(args.new_tokens):
+                routing.reset()
+                step_ids = token
+                token = model(token, cache)[:, -1:].argmax(-1)
+                # the positions a step must read: the prompt and every token so far, its own included
+                steps.append(floor.step_bytes(model, step_ids, prompt_len + i + 1, routing.distinct()))
+    step_s = decoding.median_s / args.new_tokens
+    return {
+        "batch_size": B,
+        "prefill": {
+            "timing": prefill.to_dict(),
+            **floor.floor_figures(prefill.median_s, prefill_bytes, bytes_per_s, B * prompt_len),
+        },
+        "decode": {
+            "timing": decoding.to_dict(),
+            **floor.floor_figures(step_s, floor.StepBytes.mean(steps), bytes_per_s, B),
+        },
+    }
+
+
+def _time_decode(
+    model: Transformer, prompt: torch.Tensor, new_tokens: int, device: torch.device, warmup: int, repeats: int
+) -> timing.Timing:
+    """Wall time of `new_tokens` greedy KV-cached decode steps after an untimed prefill, each
+    repeat from a fresh prefill (whatever the cache does in place, every repeat decodes the same
+    tokens). Timed with perf_counter around the steps, synchronized on a GPU."""
+    times = []
+    for i in range(warmup + repeats):
+        cache = model.new_cache()
+        token = model(prompt, cache)[:, -1:].argmax(-1)  # [B, 1]
+        timing.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = model(token, cache)[:, -1:].argmax(-1)  # greedy; stays on the device
+        timing.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return timing._summary(times, warmup, repeats, "time.perf_counter around the decode steps (prefill untimed)")
 
 
 # --------------------------------------------------------------------------- layers

@@ -53,11 +53,15 @@ class Distributed(Runtime):
         return clip_grad_norm_(model, max_norm)
 
     def reduce_step(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The mean of the ranks' losses (equal batches: the loss of the whole batch). aux_loss
-        and grad_norm are already the whole batch's."""
-        loss = out["loss"].clone()
-        dist.all_reduce(loss)
-        return {**out, "loss": loss / self.world_size}
+        """The mean of the ranks' losses, the main one and the MTP one where there is one (equal
+        batches: the loss of the whole batch). aux_loss and grad_norm are already the whole batch's."""
+        means = {}
+        for key in ("loss", "mtp_loss"):
+            if key in out:
+                total = out[key].clone()
+                dist.all_reduce(total)
+                means[key] = total / self.world_size
+        return {**out, **means}
 
     def any(self, flag: bool) -> bool:
         """Whether any rank says so: ranks must agree to stop, or the others would wait forever."""

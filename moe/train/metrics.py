@@ -5,7 +5,10 @@ tokens consumed so far) and `elapsed_s` (training wall time so far, resumes incl
 
 kind "train", every `log_every` steps:
     loss          cross-entropy of the step's batch (nats per token; mean over micro-batches)
-    aux_loss      weighted sum of every MoE layer's balancing losses (what was added to the loss)
+    aux_loss      weighted sum of every MoE layer's balancing losses (what was added to the loss),
+                  the MTP modules' MoE layers included
+    mtp_loss      models with multi-token prediction only (num_mtp_layers > 0): the MTP cross-entropy,
+                  mean over depths (unweighted; mtp_loss_coef times it was added to the loss)
     lr            learning rate of the step
     grad_norm     gradient norm before clipping
     tokens_per_s  training throughput since the previous train row

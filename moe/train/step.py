@@ -4,7 +4,8 @@ gradient clipping, validation loss and the MoE layers' statistics.
 Legend: B = sequences in a micro-batch, S = tokens per sequence, V = vocab size.
 
 One step, as in nanoGPT's train.py:
-    for each of grad_accum micro-batches:  loss = CE(model(x), y) + model.aux_loss(); backward
+    for each of grad_accum micro-batches:  loss = CE(model(x), y) + model.aux_loss()
+                                           (+ mtp_loss_coef * MTP loss, models with MTP modules); backward
     clip the gradient norm; AdamW step (the caller sets the lr: linear warmup, then cosine)
     update_expert_biases(model)   # aux-loss-free balancing, after the optimizer step
 bf16 autocast on CUDA, fp32 on CPU, unless the caller brings its own autocast (`moe bench`).
@@ -14,8 +15,8 @@ These are functions of the model and optimizer so that a distributed runtime can
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -88,20 +89,45 @@ def train_step(
     and nullcontext may be entered again and again, once per micro-batch.
     """
     model.train()
-    ce_sum = aux_sum = torch.zeros((), device=device)
+    use_mtp = len(getattr(model, "mtp", ())) > 0
+    ce_sum = aux_sum = mtp_sum = torch.zeros((), device=device)
     for _ in range(args.grad_accum):
         x_BS, y_BS = (t.to(device, non_blocking=True) for t in batches.next_batch())
         with autocast if autocast is not None else autocast_for(device):
-            logits_BSV = forward(x_BS)
+            if use_mtp:
+                with final_hidden(model) as captured:
+                    logits_BSV = forward(x_BS)
+                mtp = model.mtp_loss(captured[0], x_BS, y_BS)
+            else:
+                logits_BSV = forward(x_BS)
         ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), y_BS.flatten())
-        aux = model.aux_loss()
-        ((ce + aux) / args.grad_accum).backward()
+        aux = model.aux_loss()  # after the MTP modules ran: their MoE layers' losses are in it
+        loss = ce + aux
+        if use_mtp:
+            loss = loss + model.config.mtp_loss_coef * mtp
+            mtp_sum = mtp_sum + mtp.detach()
+        (loss / args.grad_accum).backward()
         ce_sum, aux_sum = ce_sum + ce.detach(), aux_sum + aux.detach()
     grad_norm = clip(model, args.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     update_expert_biases(model)  # uses the load of every micro-batch since the last update
-    return {"loss": ce_sum / args.grad_accum, "aux_loss": aux_sum / args.grad_accum, "grad_norm": grad_norm}
+    out = {"loss": ce_sum / args.grad_accum, "aux_loss": aux_sum / args.grad_accum, "grad_norm": grad_norm}
+    if use_mtp:
+        out["mtp_loss"] = mtp_sum / args.grad_accum
+    return out
+
+
+@contextmanager
+def final_hidden(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Collects the input of `model.norm` (the last block's output h [B, S, D]) while `forward`
+    runs, whatever wraps the model (torch.compile, FSDP): the MTP modules continue from it."""
+    captured: list[Tensor] = []
+    handle = model.norm.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def evaluate(forward: nn.Module, batches: list[tuple[Tensor, Tensor]], device: torch.device) -> float:

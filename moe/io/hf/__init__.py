@@ -79,6 +79,18 @@ def load_hf(
     except InputError as e:
         raise InputError(f"{directory / 'config.json'}: {e}") from None
     entries = reader.scan(directory)
+    try:  # where a family's config.json alone is ambiguous (Ling 2.0's MTP layers), the tensors decide
+        resolved = family.for_tensors(hf, entries.keys())
+        if resolved is not hf:
+            hf = resolved
+            config = family.to_config(hf, name=_model_name(directory))
+            if backend is not None and config.moe is not None:
+                config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, backend=backend))
+    except InputError as e:
+        raise InputError(f"{directory}: {e}") from None
+    if config.num_mtp_layers and not _has_layers(entries, family.mtp_layers(hf)):
+        # config.json counts MTP modules that the folder does not hold (transformers saves none).
+        config = dataclasses.replace(config, num_mtp_layers=0)
     stacked = any(name.endswith(".experts.gate_up_proj") for name in entries)
     pieces = family.pieces(config, stacked)
     optional = {"lm_head.weight"} if config.tie_embeddings else set()
@@ -101,6 +113,10 @@ def load_hf(
         model.lm_head.weight = model.embed_tokens.weight
     _materialize_buffers(model, torch.device(device))
     return model.eval()
+
+
+def _has_layers(entries: dict, layers: range) -> bool:
+    return any(name.startswith(tuple(f"model.layers.{i}." for i in layers)) for name in entries)
 
 
 def _model_name(directory: Path) -> str:

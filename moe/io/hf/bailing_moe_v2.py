@@ -13,21 +13,38 @@ write the published form. transformers has no implementation; the remote code
     model.layers.{i}.attention.dense.weight               [D, H Dh]
     model.layers.{i}.mlp.gate.weight [E, D], mlp.gate.expert_bias [E] (fp32)
     model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj, mlp.shared_experts.{gate,up,down}_proj
-The last `num_nextn_predict_layers` of `num_hidden_layers` are multi-token-prediction layers,
-skipped here. The gate renormalises whenever top_k > 1, whatever norm_topk_prob says.
+    model.layers.{L+k}.{enorm, hnorm, eh_proj, final_layernorm} + a decoder layer (MoE):
+        multi-token-prediction layer k (L = num_hidden_layers, k < num_nextn_predict_layers)
+The gate renormalises whenever top_k > 1, whatever norm_topk_prob says.
+
+Where the MTP layers are. The authors' code (Ling-V2 af8837e, models/modeling_bailing_moe_v2.py
+line 1162) builds num_hidden_layers decoder layers, then the n MTP layers after them (L..L+n-1),
+as DeepSeek-V3 does and SGLang's BailingMoeForCausalLMNextN reads them (prefix
+layers.{num_hidden_layers}). An earlier reading here took them as the LAST n of num_hidden_layers.
+`for_tensors` decides from the folder: MTP tensors (enorm/hnorm/eh_proj/final_layernorm) at
+L..L+n-1 are read into `model.mtp` over L main layers; at L-n..L-1, over L-n main layers; none
+(the published chat checkpoints hold none): L main layers, no MTP; anything else is refused,
+naming the layers. Exports write the authors' layout (after num_hidden_layers). Without
+`for_tensors` (a loader that does not call it) the last n layers are skipped, as before.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable
+
 from ...config import ModelConfig
+from ...errors import InputError
 from ...model import layer_plan
 from .spec import (
+    MTP_MARKERS,
     Family,
     Names,
     Piece,
     config_error,
     dense_first,
     expect,
+    ling_mtp_pieces,
     norm,
     plan_fields,
     refuse,
@@ -104,8 +121,49 @@ class BailingMoeV2(Family):
             pieces += norm(hf + "key_layernorm", ours + "k_norm", Dh)
         return pieces
 
-    def skipped_layers(self, hf: dict) -> range:
+    def pieces(self, cfg: ModelConfig, stacked: bool = False) -> list[Piece]:
+        return super().pieces(cfg, stacked) + ling_mtp_pieces(cfg, self.names(stacked), self.attention)
+
+    def for_tensors(self, hf: dict, tensor_names: Iterable[str]) -> dict:
+        """config.json with the MTP layers placed after num_hidden_layers (MTP_AT = "after"), or
+        marked absent (MTP_AT = "none"); see the module docstring for the rule."""
         c = self.settings(hf)
+        L, n = c["num_hidden_layers"], c["num_nextn_predict_layers"] or 0
+        if n == 0:
+            return {**hf, MTP_AT: "none"}
+        markers = _mtp_marker_layers(tensor_names)
+        after, last = set(range(L, L + n)), set(range(L - n, L))
+        if not markers:
+            warnings.warn(
+                f"config.json counts {n} multi-token-prediction layer(s) but the folder holds none "
+                f"(no {'/'.join(MTP_MARKERS)} tensors): loading the {L} decoder layers without MTP",
+                stacklevel=3,
+            )
+            return {**hf, MTP_AT: "none"}
+        if markers == after:
+            return {**hf, MTP_AT: "after"}
+        if markers == last and L - n >= 1:
+            warnings.warn(
+                f"reading multi-token-prediction layer(s) {sorted(last)} as the last {n} of num_hidden_layers "
+                f"= {L} (the main model has {L - n} layers); exports place them after the decoder layers",
+                stacklevel=3,
+            )
+            return {**hf, "num_hidden_layers": L - n, MTP_AT: "after"}
+        raise InputError(
+            f"multi-token-prediction tensors ({'/'.join(MTP_MARKERS)}) at layer(s) {sorted(markers)} fit neither "
+            f"convention for num_hidden_layers = {L}, num_nextn_predict_layers = {n}: after the decoder layers "
+            f"{sorted(after)} (the authors' code) or the last {n} of them {sorted(last)}"
+        )
+
+    def mtp_layers(self, hf: dict) -> range:
+        c = self.settings(hf)
+        L, n = c["num_hidden_layers"], c["num_nextn_predict_layers"] or 0
+        return range(L, L + n) if hf.get(MTP_AT) == "after" else range(0)
+
+    def skipped_layers(self, hf: dict) -> range:
+        if MTP_AT in hf:  # placed by for_tensors: nothing to skip
+            return range(0)
+        c = self.settings(hf)  # a loader that never asked the tensors: the last n layers, skipped
         L = c["num_hidden_layers"]
         return range(L - (c["num_nextn_predict_layers"] or 0), L)
 
@@ -113,7 +171,9 @@ class BailingMoeV2(Family):
         c = self.settings(hf)
         expect(c, "hidden_act", ("silu",))
         expect(c, "score_function", ("sigmoid",))
-        L = c["num_hidden_layers"] - (c["num_nextn_predict_layers"] or 0)
+        n = c["num_nextn_predict_layers"] or 0
+        L = c["num_hidden_layers"] - (0 if MTP_AT in hf else n)
+        num_mtp = n if hf.get(MTP_AT) == "after" else 0
         H = c["num_attention_heads"]
         head_dim = c["head_dim"] or c["hidden_size"] // H
         fraction = _rope_fraction(c, head_dim)
@@ -125,6 +185,7 @@ class BailingMoeV2(Family):
                 vocab_size=c["vocab_size"],
                 hidden_size=c["hidden_size"],
                 num_layers=L,
+                num_mtp_layers=num_mtp,
                 num_heads=H,
                 num_kv_heads=c["num_key_value_heads"],
                 head_dim=head_dim,
@@ -210,9 +271,22 @@ class BailingMoeV2(Family):
             "score_function": "sigmoid",
             "moe_router_enable_expert_bias": True,
             "router_dtype": "fp32",
-            "num_nextn_predict_layers": 0,
+            "num_nextn_predict_layers": cfg.num_mtp_layers,  # written after the decoder layers
             **rope_to_hf(cfg),
         }
+
+
+MTP_AT = "_mtp_at"  # a key for_tensors adds to config.json's dict: "after" or "none"
+
+
+def _mtp_marker_layers(tensor_names: Iterable[str]) -> set[int]:
+    """Indices of the layers that hold any tensor only an MTP layer has."""
+    layers = set()
+    for name in tensor_names:
+        parts = name.split(".")
+        if len(parts) == 5 and parts[:2] == ["model", "layers"] and parts[3] in MTP_MARKERS and parts[2].isdigit():
+            layers.add(int(parts[2]))
+    return layers
 
 
 def _rope_fraction(c: dict, head_dim: int) -> float:

@@ -6,7 +6,10 @@ On disk:
                                 kv_a_layernorm, kv_b_proj, o_proj}
     model.layers.{i}.mlp.gate.weight [E, D], mlp.gate.e_score_correction_bias [E] (fp32),
     model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj, mlp.shared_experts.{gate,up,down}_proj
-    model.layers.{L}.* (L = num_hidden_layers): the multi-token-prediction module, skipped here.
+    model.layers.{L+k}.* (L = num_hidden_layers, k < num_nextn_predict_layers): the multi-token-
+        prediction modules (enorm, hnorm, eh_proj, shared_head.norm, a decoder layer, and copies of
+        embed_tokens / shared_head.head), read into our `mtp` modules when present (a checkpoint
+        saved by transformers, which does not build them, has none: then the model has none).
 The latent RMSNorms use eps 1e-6 whatever rms_norm_eps says (reference code and transformers).
 """
 
@@ -19,6 +22,7 @@ from .spec import (
     Names,
     Piece,
     config_error,
+    deepseek_mtp_pieces,
     dense_first,
     expect,
     linear,
@@ -67,7 +71,7 @@ class DeepseekV3(Family):
         "tie_word_embeddings": False,
         "rope_interleave": True,
         "attention_bias": False,
-        "num_nextn_predict_layers": 1,  # num_mtp_layers in 5.24: layer L's tensors are skipped if present
+        "num_nextn_predict_layers": 1,  # num_mtp_layers in 5.24 (which builds no MTP module)
         "rope_theta": 10000.0,  # RotaryEmbeddingConfigMixin.default_theta
         "rope_scaling": None,
         "rope_parameters": None,
@@ -105,7 +109,11 @@ class DeepseekV3(Family):
             + linear(hf + "o_proj", ours + "o_proj", D, H * Dv)
         )
 
-    def skipped_layers(self, hf: dict) -> range:
+    def pieces(self, cfg: ModelConfig, stacked: bool = False) -> list[Piece]:
+        return super().pieces(cfg, stacked) + deepseek_mtp_pieces(cfg, self.names(stacked), self.attention)
+
+    def mtp_layers(self, hf: dict) -> range:
+        """Indices of the MTP modules' layers on disk (they follow the decoder's)."""
         c = self.settings(hf)
         L = c["num_hidden_layers"]
         return range(L, L + (c["num_nextn_predict_layers"] or 0))
@@ -148,6 +156,7 @@ class DeepseekV3(Family):
                 qk_rope_head_dim=rope,
                 v_head_dim=c["v_head_dim"],
                 latent_norm_eps=LATENT_NORM_EPS,
+                num_mtp_layers=c["num_nextn_predict_layers"] or 0,
                 **plan_fields(plan),
                 moe=dict(
                     num_experts=c["n_routed_experts"],
@@ -222,6 +231,6 @@ class DeepseekV3(Family):
             "routed_scaling_factor": moe.routed_scaling_factor,
             "scoring_func": "sigmoid",
             "topk_method": "noaux_tc",
-            "num_nextn_predict_layers": 0,
+            "num_nextn_predict_layers": cfg.num_mtp_layers,
             **rope_to_hf(cfg),
         }

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -74,19 +74,71 @@ def model_pieces(cfg: ModelConfig, names: Names, attention: AttentionPieces) -> 
     D, V = cfg.hidden_size, cfg.vocab_size
     pieces = [Piece(names.embed, (V, D), "embed_tokens.weight")]
     for i, is_moe in enumerate(layer_plan(cfg)):
-        hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        pieces += [
-            Piece(hf + names.attn_norm + ".weight", (D,), ours + "attn_norm.weight"),
-            Piece(hf + names.ffn_norm + ".weight", (D,), ours + "ffn_norm.weight"),
-        ]
-        pieces += attention(cfg, hf, ours + "attn.")
-        if is_moe:
-            pieces += moe_pieces(cfg, names, hf + names.moe + ".", ours + "ffn.")
-        else:
-            pieces += mlp_pieces(hf + "mlp.", ours + "ffn.", D, cfg.ffn_size)
+        pieces += block_pieces(cfg, names, attention, f"model.layers.{i}.", f"layers.{i}.", is_moe)
     pieces.append(Piece("model.norm.weight", (D,), "norm.weight"))
     if not cfg.tie_embeddings:
         pieces.append(Piece("lm_head.weight", (V, D), "lm_head.weight"))
+    return pieces
+
+
+def block_pieces(
+    cfg: ModelConfig, names: Names, attention: AttentionPieces, hf: str, ours: str, is_moe: bool
+) -> list[Piece]:
+    """One decoder block: its two norms, attention and FFN (MoE or dense)."""
+    D = cfg.hidden_size
+    pieces = [
+        Piece(hf + names.attn_norm + ".weight", (D,), ours + "attn_norm.weight"),
+        Piece(hf + names.ffn_norm + ".weight", (D,), ours + "ffn_norm.weight"),
+    ]
+    pieces += attention(cfg, hf, ours + "attn.")
+    if is_moe:
+        return pieces + moe_pieces(cfg, names, hf + names.moe + ".", ours + "ffn.")
+    return pieces + mlp_pieces(hf + "mlp.", ours + "ffn.", D, cfg.ffn_size)
+
+
+def deepseek_mtp_pieces(cfg: ModelConfig, names: Names, attention: AttentionPieces) -> list[Piece]:
+    """DeepSeek-V3's MTP modules, stored as decoder layers L..L+n-1 (L = num_hidden_layers):
+    enorm, hnorm, eh_proj [D, 2D], shared_head.norm, a block like the others, and copies of the
+    embedding and output head (embed_tokens, shared_head.head), which we share: they are read
+    into our one embedding / head (the published copies equal them; the last read wins) and
+    written from it."""
+    D, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+    last_is_moe = layer_plan(cfg)[-1]
+    pieces = []
+    for k in range(cfg.num_mtp_layers):
+        hf, ours = f"model.layers.{L + k}.", f"mtp.{k}."
+        pieces += [
+            Piece(hf + "enorm.weight", (D,), ours + "enorm.weight"),
+            Piece(hf + "hnorm.weight", (D,), ours + "hnorm.weight"),
+            Piece(hf + "eh_proj.weight", (D, 2 * D), ours + "eh_proj.weight"),
+            Piece(hf + "shared_head.norm.weight", (D,), ours + "norm.weight"),
+            Piece(hf + "embed_tokens.weight", (V, D), "embed_tokens.weight"),
+            Piece(hf + "shared_head.head.weight", (V, D), "lm_head.weight"),
+        ]
+        pieces += block_pieces(cfg, names, attention, hf, ours + "block.", last_is_moe)
+    return pieces
+
+
+MTP_MARKERS = ("enorm", "hnorm", "eh_proj", "final_layernorm")  # the tensors only a Ling 2.0 MTP layer has
+
+
+def ling_mtp_pieces(cfg: ModelConfig, names: Names, attention: AttentionPieces) -> list[Piece]:
+    """Ling 2.0's MTP layers (BailingMoeV2MTPLayer), stored as decoder layers L..L+n-1 (L = our
+    num_layers): enorm, hnorm, eh_proj [D, 2D] (embedding half first), final_layernorm (our
+    `norm`), and a decoder layer's norms, attention and MoE block. Unlike DeepSeek-V3 they hold
+    no copy of the embedding or the output head."""
+    D, L = cfg.hidden_size, cfg.num_layers
+    last_is_moe = layer_plan(cfg)[-1]
+    pieces = []
+    for k in range(cfg.num_mtp_layers):
+        hf, ours = f"model.layers.{L + k}.", f"mtp.{k}."
+        pieces += [
+            Piece(hf + "enorm.weight", (D,), ours + "enorm.weight"),
+            Piece(hf + "hnorm.weight", (D,), ours + "hnorm.weight"),
+            Piece(hf + "eh_proj.weight", (D, 2 * D), ours + "eh_proj.weight"),
+            Piece(hf + "final_layernorm.weight", (D,), ours + "norm.weight"),
+        ]
+        pieces += block_pieces(cfg, names, attention, hf, ours + "block.", last_is_moe)
     return pieces
 
 
@@ -418,3 +470,12 @@ class Family(ABC):
     def skipped_layers(self, hf: dict) -> range:
         """Layer indices present on disk but not part of the decoder (multi-token prediction)."""
         return range(0)
+
+    def mtp_layers(self, hf: dict) -> range:
+        """Layer indices on disk that hold multi-token-prediction modules loaded into `model.mtp`."""
+        return range(0)
+
+    def for_tensors(self, hf: dict, tensor_names: Iterable[str]) -> dict:
+        """config.json as this folder's tensors read it, where the family's config alone is
+        ambiguous (Ling 2.0: where the MTP layers are); InputError where the tensors fit no reading."""
+        return hf

@@ -205,12 +205,15 @@ def test_bf16_loading_keeps_biases_and_rope_in_fp32(tmp_path):
     for name, tensor in model.state_dict().items():  # rounded once, straight from the fp32 file
         expected = tensor if name.endswith("expert_bias") else tensor.to(torch.bfloat16)
         assert torch.equal(low.state_dict()[name], expected), name
-    ids = torch.randint(0, 40, (2, 9))
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))  # fixed: no flaky near-ties
     with torch.no_grad():  # bf16 arithmetic: close on average (a near-tie may route differently)
         assert (low(ids).float() - model(ids)).abs().mean() < 0.03
 
 
-def test_mtp_layers_are_skipped_with_a_message_and_other_extra_layers_refused(tmp_path):
+def test_a_partial_mtp_layer_is_refused_by_name_and_other_extra_layers_too(tmp_path):
+    # num_nextn_predict_layers = 1 with only some of layer 2's MTP tensors: loading it would build an
+    # MTP module from random weights, so the missing ones are named (tests/io/hf/test_mtp_hf.py loads
+    # whole MTP layers).
     export(DEEPSEEK_LIKE, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["num_nextn_predict_layers"] = 1
@@ -221,7 +224,7 @@ def test_mtp_layers_are_skipped_with_a_message_and_other_extra_layers_refused(tm
             {"model.layers.2.eh_proj.weight": torch.zeros(24, 48), "model.layers.2.enorm.weight": torch.ones(24)}
         ),
     )
-    with pytest.warns(UserWarning, match=r"skipping 2 tensors of multi-token-prediction layer\(s\) \[2\]"):
+    with pytest.raises(ValueError, match=r"missing: model.layers.2.embed_tokens.weight, model.layers.2.hnorm.weight"):
         Transformer.from_hf(tmp_path)
     rewrite(tmp_path, lambda t: t.update({"model.layers.3.enorm.weight": torch.ones(24)}))
     with pytest.raises(ValueError, match=r"unexpected: model.layers.3.enorm.weight"), warnings.catch_warnings():
