@@ -3,11 +3,18 @@ used by Ling 2.0.
 
 Legend: B = sequences, S = tokens per sequence, D = hidden size, V = vocab size, k = depth (1-based).
 
-Module k continues the hidden state of depth k-1 (depth 0: the main model's last block, before
-its final norm) with the embedding of the next token, through one transformer block:
+Module k continues the normed hidden state of depth k-1 with the embedding of the next token,
+through one transformer block:
 
-    h^k_i = Block(eh_proj([enorm(embed(t_{i+k})); hnorm(h^{k-1}_i)]))     # [B, S-k, D]
-    logits^k_i = lm_head(norm(h^k_i))      predicts t_{i+k+1}
+    g^0_i = final_norm(h_i)                (the main model's last block, normed as for its logits)
+    g^k_i = norm(Block(eh_proj([enorm(embed(t_{i+k})); hnorm(g^{k-1}_i)])))     # [B, S-k, D]
+    logits^k_i = lm_head(g^k_i)            predicts t_{i+k+1}
+
+The input is the state *after* the final norm because that is what the published weights were
+trained on: the Ling 2.0 authors' code feeds `self.norm(hidden)` to its MTP layer and each MTP
+layer's `final_layernorm` output to the next (Ling-V2 af8837e, modeling_bailing_moe_v2.py
+around lines 1309-1350), and vLLM feeds DeepSeek-V3's MTP layer the main model's normed output.
+(Depth 2 and beyond exist only in Ling's code, so the chaining follows Ling's.)
 
 The embedding and lm_head are the main model's (shared, as in DeepSeek-V3). The concatenation puts
 the embedding first, as DeepSeek-V3's published weights expect (eh_proj [D, 2D]: the embedding
@@ -62,6 +69,7 @@ class HasMTP(Protocol):
 
     mtp: nn.ModuleList
     embed_tokens: nn.Embedding
+    norm: nn.Module
     lm_head: nn.Linear
 
 
@@ -70,14 +78,14 @@ def mtp_logits(model: HasMTP, h_BSD: Tensor, input_ids_BS: Tensor) -> list[Tenso
     t_{i+k+1}; h_BSD is `model.hidden(input_ids_BS)`. Depths with no position left (S <= k) are
     omitted."""
     S = input_ids_BS.shape[1]
-    out, h = [], h_BSD
+    out, g = [], model.norm(h_BSD)
     modules: list[MTPModule] = list(model.mtp)  # type: ignore[arg-type]
     for k, module in enumerate(modules, start=1):
         if S <= k:
             break
         positions = torch.arange(S - k, device=input_ids_BS.device)
-        h = module(h[:, : S - k], model.embed_tokens(input_ids_BS[:, k:]), positions)
-        out.append(model.lm_head(module.norm(h)))
+        g = module.norm(module(g[:, : S - k], model.embed_tokens(input_ids_BS[:, k:]), positions))
+        out.append(model.lm_head(g))
     return out
 
 

@@ -76,18 +76,18 @@ def speculative_generate(
     if max_new_tokens == 0:
         return ids, stats
     main = KVCache(len(model.layers))  # a growing cache: truncate_cache cuts it
-    h0 = model.hidden(ids, main)  # [1, P, D]
-    tokens = ids[0].tolist() + [int(model.lm_head(model.norm(h0[:, -1])).argmax(-1))]  # t_0..t_n
+    g0 = model.norm(model.hidden(ids, main))  # [1, P, D], normed: what the head and depth 1 read
+    tokens = ids[0].tolist() + [int(model.lm_head(g0[:, -1]).argmax(-1))]  # t_0..t_n
     depth_caches = [KVCache(1) for _ in range(K)]
-    hs: list[Tensor] = [h0] + [h0[:, :0] for _ in range(K)]  # hidden states of confirmed positions
+    hs: list[Tensor] = [g0] + [g0[:, :0] for _ in range(K)]  # normed states of confirmed positions
     goal = ids.shape[1] + max_new_tokens
     while len(tokens) < goal:
         n = main.seq_len
         drafts = _draft(model, tokens, n, hs, depth_caches)
         # Verify: [t_n, d_{n+1}, ..., d_{n+K}] at positions n..n+K.
         candidates = torch.tensor([[tokens[n], *drafts]], device=ids.device)
-        h_new = model.hidden(candidates, main)  # [1, K+1, D]
-        greedy = model.lm_head(model.norm(h_new)).argmax(-1)[0].tolist()  # greedy[j] follows candidate j
+        g_new = model.norm(model.hidden(candidates, main))  # [1, K+1, D]
+        greedy = model.lm_head(g_new).argmax(-1)[0].tolist()  # greedy[j] follows candidate j
         accepted = 0
         while accepted < K and drafts[accepted] == greedy[accepted]:
             accepted += 1
@@ -95,7 +95,7 @@ def speculative_generate(
         tokens += drafts[:accepted] + [greedy[accepted]]
         n_new = n + accepted + 1  # t_n and the accepted drafts are now in the main cache
         truncate_cache(main, n_new)
-        hs[0] = torch.cat((hs[0], h_new[:, : accepted + 1]), dim=1)
+        hs[0] = torch.cat((hs[0], g_new[:, : accepted + 1]), dim=1)
         for k in range(1, K + 1):  # depth k at i read t_{i+k}: right iff i + k <= n + accepted = n_new - 1
             keep = min(depth_caches[k - 1].seq_len, n_new - k)
             truncate_cache(depth_caches[k - 1], keep)
@@ -114,9 +114,9 @@ def _draft(model: Transformer, tokens: list[int], n: int, hs: list[Tensor], cach
         start = caches[k - 1].seq_len
         positions = torch.arange(start, n, device=device)
         next_ids = torch.tensor([seq[start + k : n + k]], device=device)  # t_{i+k} for i in start..n-1
-        h = module(hs[k - 1][:, start:n], model.embed_tokens(next_ids), positions, caches[k - 1])
-        hs[k] = torch.cat((hs[k], h), dim=1)
-        seq.append(int(model.lm_head(module.norm(h[:, -1])).argmax(-1)))
+        g = module.norm(module(hs[k - 1][:, start:n], model.embed_tokens(next_ids), positions, caches[k - 1]))
+        hs[k] = torch.cat((hs[k], g), dim=1)
+        seq.append(int(model.lm_head(g[:, -1]).argmax(-1)))
     return seq[n + 1 :]
 
 

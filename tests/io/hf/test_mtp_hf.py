@@ -89,8 +89,9 @@ def test_round_trip_is_exact(exported):
 
 @torch.no_grad()
 def test_mtp_input_matches_a_reference_that_reads_the_checkpoint_names(exported):
-    """h' = eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)]) as vLLM's DeepSeekMultiTokenPredictorLayer
-    computes it from the published tensors (embedding half first), then the layer's block."""
+    """h' = eh_proj([enorm(embed(t_{i+1})); hnorm(norm(h_i))]) as vLLM's DeepSeekMultiTokenPredictorLayer
+    computes it from the published tensors (embedding half first; the main model's normed output),
+    then the layer's block."""
     _, folder = exported
     model, w = Transformer.from_hf(folder), tensors(folder)
     L, eps = CONFIG.num_layers, CONFIG.norm_eps
@@ -99,7 +100,7 @@ def test_mtp_input_matches_a_reference_that_reads_the_checkpoint_names(exported)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
     x = torch.randint(0, 64, (2, 9))
-    h = model.hidden(x)[:, :-1]
+    h = rms(model.hidden(x), w["model.norm.weight"])[:, :-1]
     emb = torch.nn.functional.embedding(x[:, 1:], w[f"model.layers.{L}.embed_tokens.weight"])
     cat = torch.cat((rms(emb, w[f"model.layers.{L}.enorm.weight"]), rms(h, w[f"model.layers.{L}.hnorm.weight"])), -1)
     expected_in = cat @ w[f"model.layers.{L}.eh_proj.weight"].T
