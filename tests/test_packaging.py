@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -155,3 +156,51 @@ def test_hugging_faces_kernels_installs_beside_ours(target, outside):
     assert done.returncode == 0, done.stderr
     theirs, ours = (Path(line) for line in done.stdout.split())
     assert theirs == target / "kernels" / "__init__.py" and ours == target / "moe_kernels" / "__init__.py"
+
+
+# --------------------------------------------------------------------------- the README's Python, as written
+
+# The model folder the README's Hugging Face examples name, made here: a tiny random Qwen3-MoE with a
+# word-level tokenizer.json and a chat template (no download).
+MAKE_HF_FOLDER = """
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+words = "Mixture-of-Experts models route each token to a few experts".split() + ["<|im_end|>"]
+vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(dict.fromkeys(words))}}
+tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="<|im_end|>")
+torch.manual_seed(0)
+config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                        num_experts=4, num_experts_per_tok=2, max_position_embeddings=128)
+Qwen3MoeForCausalLM(config).save_pretrained("Qwen3-30B-A3B")
+fast.save_pretrained("Qwen3-30B-A3B")
+"""
+
+
+def readme_programs() -> list[str]:
+    """The README's ```python blocks that are whole programs (they start with an import); the others
+    continue the block before them."""
+    found = re.findall(r"^( *)```python\n(.*?)^\1```", (REPO / "README.md").read_text(), re.S | re.M)
+    blocks = [textwrap.dedent(body) for _, body in found]  # a block inside a list item is indented
+    return [b for b in blocks if b.startswith(("import ", "from "))]
+
+
+def test_the_readme_has_the_python_examples_this_test_runs():
+    programs = readme_programs()
+    assert len(programs) >= 5
+    assert any("from_hf" in p for p in programs) and any("experts_interface" in p for p in programs)
+
+
+@pytest.mark.parametrize("index", range(len(readme_programs())))
+def test_every_readme_python_example_runs_as_written_from_the_installed_copy(index, target, outside):
+    pytest.importorskip("transformers", reason="the README's Hugging Face examples need moe-reference[hf]")
+    program = readme_programs()[index]
+    if "Qwen3-30B-A3B" in program:
+        made = run([sys.executable, "-c", MAKE_HF_FOLDER], target, outside)
+        assert made.returncode == 0, made.stderr
+    done = run([sys.executable, "-c", program], target, outside)
+    assert done.returncode == 0, f"README example {index} failed:\n{program}\n{done.stderr[-3000:]}"
