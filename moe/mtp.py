@@ -69,7 +69,7 @@ class HasMTP(Protocol):
 
     mtp: nn.ModuleList
     embed_tokens: nn.Embedding
-    norm: nn.Module
+    norm: RMSNorm
     lm_head: nn.Linear
 
 
