@@ -22,7 +22,7 @@ DEMO_TRAIN ?= --steps 300 --time-limit 240
 # The core modules mypy checks (the same list as the import-linter contract "The core imports
 # nothing above it" in pyproject.toml); what they import is followed silently.
 MYPY_CORE := $(addprefix moe/,$(addsuffix .py,config router capacity dispatch dispatcher scope balance experts \
-	layer attention rope model generate mlp norm device shipped_configs extras errors mtp speculative))
+	layer attention rope model generate mlp norm device shipped_configs extras errors mtp speculative config_checks))
 
 .PHONY: install test test-fast test-newest lint demo clean
 

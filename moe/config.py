@@ -2,7 +2,7 @@
 
 `MoEConfig` describes one MoE layer (router, balancing, capacity, experts), `ModelConfig` a whole
 decoder. Both validate themselves completely at construction, before anything is built: every
-field's type, every size against a sanity bound far above any published model (the limits below),
+field's type, every size against a sanity bound far above any published model (moe/config_checks.py),
 every float finite and in range, and the cross-field rules (top_k <= num_experts, heads divide
 dims, ...). A bad value raises `InputError` with one line naming the key by its full dotted path
 (`moe.top_k`) and an excerpt of the value. `load_config` reads YAML or JSON strictly (unknown and
@@ -12,15 +12,32 @@ duplicate keys are errors; see moe/shipped_configs.py for how a file is read).
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import types
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .config_checks import (
+    MAX_EXPERT_LAYERS,
+    MAX_EXPERTS,
+    MAX_FFN,
+    MAX_HEADS,
+    MAX_HIDDEN,
+    MAX_LAYERS,
+    MAX_SEQ_LEN,
+    MAX_VOCAB,
+    NAME,
+    ConfigValueError,
+    check_floats,
+    check_ints,
+    check_rope_scaling,
+    check_types,
+    config_error,
+    fail,
+    non_negative,
+    positive,
+    unit,
+)
 from .errors import InputError, excerpt
 from .shipped_configs import read_config_file, resolve_config
 
@@ -30,27 +47,6 @@ CapacityMode = Literal["static", "dynamic"]
 Backend = Literal["eager", "torch", "triton"]
 Activation = Literal["swiglu", "gelu"]
 AttentionKind = Literal["gqa", "mla"]
-
-# Sanity bounds. Each is far above every published model (configs/full/, the seed-speculated 10T
-# one included: E 256, D 12288, F 18432, L 120, V 157184, 163840 positions) and low enough that a
-# config of a few bytes cannot make the tool allocate or loop for minutes.
-MAX_EXPERTS = 2**16  # E, shared experts, top_k
-MAX_HIDDEN = 2**20  # D, head dims, MLA ranks
-MAX_FFN = 2**22  # F, dense and shared FFN widths, H * Dh
-MAX_HEADS = 2**16  # H, Hkv
-MAX_LAYERS = 10_000  # L
-MAX_VOCAB = 2**24  # V
-MAX_SEQ_LEN = 2**24  # max_seq_len, YaRN's original context and factor
-MAX_EXPERT_LAYERS = 2**20  # E * L: loading a per-expert checkpoint maps 3 tensors per expert per layer
-NAME = re.compile(r"\w[\w.+-]{0,127}")  # a config's name names its run folder: no path separators
-
-
-class ConfigValueError(InputError):
-    """An impossible config value. `key` is its dotted name ("moe.top_k"), `detail` the rest of
-    the message ("= 9 must be <= num_experts (8)"), so that a caller can rename the key."""
-
-    key: str = ""
-    detail: str = ""
 
 
 @dataclass
@@ -128,8 +124,8 @@ class MoEConfig:
     backend: Backend = "torch"
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _check_ints(
+        check_types(self)
+        check_ints(
             self,
             {
                 "num_experts": (1, MAX_EXPERTS),
@@ -141,31 +137,31 @@ class MoEConfig:
                 "topk_group": (1, MAX_EXPERTS),
             },
         )
-        _check_floats(
+        check_floats(
             self,
             {
-                "routed_scaling_factor": (_positive, "must be positive"),
-                "aux_loss_coef": (_non_negative, "must be >= 0"),
-                "seq_aux_loss_coef": (_non_negative, "must be >= 0"),
-                "z_loss_coef": (_non_negative, "must be >= 0"),
-                "bias_update_rate": (_non_negative, "must be >= 0"),
+                "routed_scaling_factor": (positive, "must be positive"),
+                "aux_loss_coef": (non_negative, "must be >= 0"),
+                "seq_aux_loss_coef": (non_negative, "must be >= 0"),
+                "z_loss_coef": (non_negative, "must be >= 0"),
+                "bias_update_rate": (non_negative, "must be >= 0"),
             },
         )
         if self.top_k > self.num_experts:
-            _fail("top_k", self.top_k, f"must be <= num_experts ({self.num_experts})")
+            fail("top_k", self.top_k, f"must be <= num_experts ({self.num_experts})")
         if self.num_experts % self.n_group:
-            _fail("num_experts", self.num_experts, f"must be divisible by n_group ({self.n_group})")
+            fail("num_experts", self.num_experts, f"must be divisible by n_group ({self.n_group})")
         if self.topk_group > self.n_group:
-            _fail("topk_group", self.topk_group, f"must be <= n_group ({self.n_group})")
+            fail("topk_group", self.topk_group, f"must be <= n_group ({self.n_group})")
         if self.n_group > 1 and self.top_k > self.topk_group * (self.num_experts // self.n_group):
-            _fail(
+            fail(
                 "top_k",
                 self.top_k,
                 f"exceeds the experts in topk_group={self.topk_group} groups of {self.num_experts // self.n_group}",
             )
         factor = self.capacity_factor
         if factor is not None and not 0 < factor <= self.num_experts:
-            _fail(
+            fail(
                 "capacity_factor",
                 factor,
                 f"must be in (0, num_experts={self.num_experts}] (more gives no expert more slots than "
@@ -283,10 +279,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = _from_dict(MoEConfig, self.moe, prefix="moe.")
-        _check_types(self)
+        check_types(self)
         if not NAME.fullmatch(self.name):
-            _fail("name", self.name, "must be 1-128 letters, digits or '_.+-', starting with a letter, digit or '_'")
-        _check_ints(
+            fail("name", self.name, "must be 1-128 letters, digits or '_.+-', starting with a letter, digit or '_'")
+        check_ints(
             self,
             {
                 "vocab_size": (1, MAX_VOCAB),
@@ -307,80 +303,80 @@ class ModelConfig:
                 "num_mtp_layers": (0, MAX_LAYERS),
             },
         )
-        _check_floats(
+        check_floats(
             self,
             {
-                "norm_eps": (_unit, "must be in (0, 1]"),
-                "init_std": (_positive, "must be positive"),
+                "norm_eps": (unit, "must be in (0, 1]"),
+                "init_std": (positive, "must be positive"),
                 "rope_theta": (lambda v: v > 1, "must be > 1 (a base <= 1 gives no decaying frequencies)"),
-                "rope_fraction": (_unit, "must be in (0, 1]"),
-                "latent_norm_eps": (_unit, "must be in (0, 1] or null"),
-                "mtp_loss_coef": (_non_negative, "must be >= 0"),
+                "rope_fraction": (unit, "must be in (0, 1]"),
+                "latent_norm_eps": (unit, "must be in (0, 1] or null"),
+                "mtp_loss_coef": (non_negative, "must be >= 0"),
             },
         )
         if self.num_mtp_layers > self.num_layers:  # each module is as large as a main layer
-            _fail("num_mtp_layers", self.num_mtp_layers, f"must be <= num_layers ({self.num_layers})")
+            fail("num_mtp_layers", self.num_mtp_layers, f"must be <= num_layers ({self.num_layers})")
         self._check_attention()
         if self.rope_scaling is not None:
-            _check_rope_scaling(self.rope_scaling)
+            check_rope_scaling(self.rope_scaling)
         self._check_layer_plan()
         if self.moe is not None:
             self._check_moe_sizes(self.moe)
 
     def _check_attention(self) -> None:
         if self.num_heads % self.kv_heads:
-            _fail("num_heads", self.num_heads, f"must be divisible by num_kv_heads ({self.kv_heads})")
+            fail("num_heads", self.num_heads, f"must be divisible by num_kv_heads ({self.kv_heads})")
         if self.head_dim is None and self.hidden_size % self.num_heads:
-            _fail(
+            fail(
                 "hidden_size",
                 self.hidden_size,
                 f"must be divisible by num_heads ({self.num_heads}) unless head_dim is set",
             )
         if self.attention == "gqa":
             if self.num_heads * self.dim_per_head > MAX_FFN:
-                _fail("num_heads", self.num_heads, f"x head dim {self.dim_per_head} must be <= {MAX_FFN}")
+                fail("num_heads", self.num_heads, f"x head dim {self.dim_per_head} must be <= {MAX_FFN}")
             if self.rotary_dim % 2:
-                _fail(
+                fail(
                     "rope_fraction",
                     self.rope_fraction,
                     f"gives an odd rotary dim {self.rotary_dim} for head_dim {self.dim_per_head}",
                 )
         else:
             if self.qk_rope_head_dim % 2:
-                _fail("qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
+                fail("qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
             widest = max(self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim)
             if self.num_heads * widest > MAX_FFN:
-                _fail("num_heads", self.num_heads, f"x MLA head dim {widest} must be <= {MAX_FFN}")
+                fail("num_heads", self.num_heads, f"x MLA head dim {widest} must be <= {MAX_FFN}")
 
     def _check_layer_plan(self) -> None:
         if self.first_k_dense > self.num_layers:
-            _fail("first_k_dense", self.first_k_dense, f"exceeds num_layers ({self.num_layers})")
+            fail("first_k_dense", self.first_k_dense, f"exceeds num_layers ({self.num_layers})")
         if self.moe_pattern is not None:
             pattern = self.moe_pattern
             if len(pattern) > 256 or not re.fullmatch(r"\d{1,5}(-\d{1,5})*", pattern) or len(pattern.split("-")) % 2:
-                _fail("moe_pattern", pattern, "must alternate dense and MoE run lengths, e.g. '2-4' or '2-4-2-4'")
+                fail("moe_pattern", pattern, "must alternate dense and MoE run lengths, e.g. '2-4' or '2-4-2-4'")
             runs = [int(n) for n in pattern.split("-")]
             if sum(runs) > MAX_LAYERS:  # layer_plan expands one period of the pattern
-                _fail("moe_pattern", pattern, f"has a period of {sum(runs)} layers (at most {MAX_LAYERS})")
+                fail("moe_pattern", pattern, f"has a period of {sum(runs)} layers (at most {MAX_LAYERS})")
             if not any(runs[1::2]):
-                _fail("moe_pattern", pattern, "has no MoE layers")
+                fail("moe_pattern", pattern, "has no MoE layers")
             if self.first_k_dense or self.moe_every != 1:
-                _fail("moe_pattern", pattern, "cannot be combined with first_k_dense/moe_every")
+                fail("moe_pattern", pattern, "cannot be combined with first_k_dense/moe_every")
         if self.moe_layers is not None:
             bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
             if bad:
-                _fail("moe_layers", self.moe_layers, f"has layers outside 0..{self.num_layers - 1}: {excerpt(bad)}")
+                fail("moe_layers", self.moe_layers, f"has layers outside 0..{self.num_layers - 1}: {excerpt(bad)}")
             if len(set(self.moe_layers)) != len(self.moe_layers):
-                _fail("moe_layers", self.moe_layers, "lists a layer twice")
+                fail("moe_layers", self.moe_layers, "lists a layer twice")
         if self.moe is None and (self.moe_layers or self.moe_pattern):
-            _fail("moe", None, "is null but the layer plan asks for MoE layers")
+            fail("moe", None, "is null but the layer plan asks for MoE layers")
 
     def _check_moe_sizes(self, moe: MoEConfig) -> None:
         """The MoE limits that depend on the model: expert widths from D, experts times layers."""
         if moe.shared_size(self.hidden_size) > MAX_FFN:
-            _fail("moe.num_shared_experts", moe.num_shared_experts, f"gives a shared FFN wider than {MAX_FFN}")
+            fail("moe.num_shared_experts", moe.num_shared_experts, f"gives a shared FFN wider than {MAX_FFN}")
         if moe.num_experts * self.num_layers > MAX_EXPERT_LAYERS:
-            _fail(
+            fail(
                 "moe.num_experts",
                 moe.num_experts,
                 f"x num_layers ({self.num_layers}) must be <= {MAX_EXPERT_LAYERS} experts in all",
@@ -404,65 +400,6 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-ROPE_SCALING_KEYS = {
-    "type": str,
-    "factor": float,
-    "original_max_position_embeddings": int,
-    "beta_fast": float,
-    "beta_slow": float,
-    "mscale": float,
-    "mscale_all_dim": float,
-    "attention_factor": float,
-    "truncate": bool,
-}
-
-
-def _positive(value: float) -> bool:
-    return value > 0
-
-
-def _non_negative(value: float) -> bool:
-    return value >= 0
-
-
-def _unit(value: float) -> bool:
-    return 0 < value <= 1
-
-
-def _up_to_max_seq_len(value: float) -> bool:
-    return 1 <= value <= MAX_SEQ_LEN
-
-
-# Beyond the types: YaRN's ramp takes log(beta) and divides by the mscale terms, which these keep > 0.
-ROPE_SCALING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "factor": (_up_to_max_seq_len, f"must be in [1, {MAX_SEQ_LEN}]"),
-    "original_max_position_embeddings": (_up_to_max_seq_len, f"must be in [1, {MAX_SEQ_LEN}]"),
-    "beta_fast": (_positive, "must be positive"),
-    "beta_slow": (_positive, "must be positive"),
-    "mscale": (_non_negative, "must be >= 0"),
-    "mscale_all_dim": (_non_negative, "must be >= 0"),
-    "attention_factor": (_positive, "must be positive"),
-}
-
-
-def _check_rope_scaling(scaling: dict) -> None:
-    for key, value in scaling.items():
-        if key not in ROPE_SCALING_KEYS:
-            _fail(f"rope_scaling.{key}", value, f"is not a YaRN key (known: {', '.join(ROPE_SCALING_KEYS)})")
-        if _coerce(value, ROPE_SCALING_KEYS[key]) is _BAD:
-            if isinstance(value, float) and not math.isfinite(value):
-                _fail(f"rope_scaling.{key}", value, "must be a finite number")
-            _fail(f"rope_scaling.{key}", value, f"has the wrong type (expected {ROPE_SCALING_KEYS[key].__name__})")
-    if scaling.get("type") != "yarn":
-        _fail("rope_scaling.type", scaling.get("type"), "must be 'yarn' (the only scaling implemented)")
-    for key in ("factor", "original_max_position_embeddings"):
-        if key not in scaling:
-            _fail(f"rope_scaling.{key}", None, "is required for YaRN")
-    for key, (ok, why) in ROPE_SCALING_RANGES.items():
-        if scaling.get(key) is not None and not ok(scaling[key]):
-            _fail(f"rope_scaling.{key}", scaling[key], why)
 
 
 # --------------------------------------------------------------------------- loading
@@ -501,89 +438,4 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
         return cls(**data)
     except ConfigValueError as e:
         # Name nested keys by their full path ("moe.top_k"), as the user wrote them.
-        raise _error(prefix + e.key, e.detail) from None
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _error(key: str, detail: str) -> ConfigValueError:
-    error = ConfigValueError(f"config key '{key}' {detail}")
-    error.key, error.detail = key, detail
-    return error
-
-
-def _fail(key: str, value: Any, why: str) -> typing.NoReturn:
-    raise _error(key, f"= {excerpt(value)} {why}")
-
-
-def _check_ints(cfg: Any, bounds: dict[str, tuple[int, int]]) -> None:
-    """Each int field (or null where allowed) within [lo, hi]."""
-    for key, (lo, hi) in bounds.items():
-        value = getattr(cfg, key)
-        if value is None:
-            continue
-        if value < lo:
-            _fail(key, value, "must be positive" if lo == 1 else f"must be >= {lo}")
-        if value > hi:
-            _fail(key, value, f"must be <= {hi} (a sanity bound far above published models)")
-
-
-def _check_floats(cfg: Any, rules: dict[str, tuple[Callable[[float], bool], str]]) -> None:
-    """Each float field (already finite) passes its rule, or is null where allowed."""
-    for key, (ok, why) in rules.items():
-        value = getattr(cfg, key)
-        if value is not None and not ok(value):
-            _fail(key, value, why)
-
-
-def _check_types(cfg: Any) -> None:
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        coerced = _coerce(value, hints[f.name])
-        if coerced is _BAD:
-            if isinstance(value, float) and not math.isfinite(value):
-                _fail(f.name, value, "must be a finite number")
-            _fail(f.name, value, f"has the wrong type (expected {_describe(hints[f.name])})")
-        setattr(cfg, f.name, coerced)
-
-
-_BAD = object()
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """Return value as the hinted type (ints accepted for floats), or _BAD. Floats must be finite,
-    ints must be true ints (not bools, not floats such as 1e8)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None if type(None) in args else _BAD
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner)
-    if origin is Literal:
-        return value if isinstance(value, str) and value in args else _BAD
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            return _BAD
-        items = [_coerce(v, args[0]) for v in value]
-        return _BAD if any(i is _BAD for i in items) else items
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return float(value) if ok else _BAD
-    if hint is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
-    if isinstance(hint, type):
-        return value if isinstance(value, hint) else _BAD
-    return value
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join("null" if a is type(None) else _describe(a) for a in args)
-    if origin is list:
-        return f"list of {_describe(args[0])}"
-    return getattr(hint, "__name__", str(hint))
+        raise config_error(prefix + e.key, e.detail) from None

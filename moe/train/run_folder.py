@@ -2,7 +2,8 @@
 state a checkpoint carries so that a resumed run draws the same numbers.
 
 Without --out a run lives in runs/<config name>. The name must then be one plain folder name
-(letters, digits, '_', '.', '-', '+'; not starting with '.' or '-'): a config named `../..`,
+(moe.config_checks.NAME, the rule ModelConfig holds its name to; checked again here because a config's
+fields can be assigned after it was validated): a config named `../..`,
 `/etc` or `a/b` is refused rather than sanitised, since a silently renamed folder is a run the
 user cannot find. --out is the user's explicit choice of folder and may be anywhere.
 """
@@ -11,27 +12,26 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..config_checks import NAME
 from ..errors import InputError, excerpt
 from ..io import checkpoint
 
 RUNS_ROOT = Path("runs")
 RUN_FILES = ("run.json", "metrics.jsonl", "checkpoints", "loss.png", "expert_load.png", "tensorboard")
-_RUN_NAME = re.compile(r"[\w+][\w.+-]*")  # one path component: no separator, not '.', '..' or hidden
 
 
 def default_run_dir(name: str) -> Path:
     """runs/<name>, for a config name that is one plain folder name (see the module docstring)."""
-    if not isinstance(name, str) or not _RUN_NAME.fullmatch(name) or len(name) > 200:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise InputError(
-            f"config name {excerpt(name)} cannot name a folder under {RUNS_ROOT}/ (use letters, digits, "
-            f"'_', '.', '-', '+', not starting with '.' or '-'): rename it, or pass --out DIR"
+            f"config name {excerpt(name)} cannot name a folder under {RUNS_ROOT}/ (up to 128 letters, digits, "
+            f"'_', '.', '-', '+', starting with a letter, digit or '_'): rename it, or pass --out DIR"
         )
     return RUNS_ROOT / name
 

@@ -97,7 +97,7 @@ def test_folder_corpus_reads_files_in_order_and_skips_hidden(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.txt").write_bytes(b"CC")
     (tmp_path / "a.txt").write_bytes(b"A")
-    (tmp_path / ".hidden").write_bytes(b"XXXX")
+    (tmp_path / ".hidden").write_bytes(b"dotfile")
     corpus = load_corpus(tmp_path)
     assert corpus.tokens.tobytes() == b"ABBBCC" and corpus.is_bytes
 

@@ -28,10 +28,11 @@ from ...model import Transformer
 from ...rope import Rotary
 from . import reader, writer
 from .bailing_moe_v2 import BailingMoeV2
+from .config_keys import check_key
 from .deepseek_v3 import DeepseekV3
 from .mixtral import Mixtral
 from .qwen3_moe import Qwen3Moe
-from .spec import Family, check_key
+from .spec import Family
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (Mixtral(), Qwen3Moe(), DeepseekV3(), BailingMoeV2())}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -36,21 +36,8 @@ from collections.abc import Iterable
 from ...config import ModelConfig
 from ...errors import InputError
 from ...model import layer_plan
-from .spec import (
-    MTP_MARKERS,
-    Family,
-    Names,
-    Piece,
-    config_error,
-    dense_first,
-    expect,
-    ling_mtp_pieces,
-    norm,
-    plan_fields,
-    refuse,
-    rope_from_hf,
-    rope_to_hf,
-)
+from .config_keys import config_error, dense_first, expect, plan_fields, refuse, rope_from_hf, rope_to_hf
+from .spec import MTP_MARKERS, Family, Names, Piece, ling_mtp_pieces, norm
 
 
 class BailingMoeV2(Family):

@@ -17,21 +17,8 @@ from __future__ import annotations
 
 from ...config import ModelConfig
 from ...model import layer_plan
-from .spec import (
-    Family,
-    Names,
-    Piece,
-    config_error,
-    deepseek_mtp_pieces,
-    dense_first,
-    expect,
-    linear,
-    norm,
-    plan_fields,
-    refuse,
-    rope_from_hf,
-    rope_to_hf,
-)
+from .config_keys import config_error, dense_first, expect, plan_fields, refuse, rope_from_hf, rope_to_hf
+from .spec import Family, Names, Piece, deepseek_mtp_pieces, linear, norm
 
 LATENT_NORM_EPS = 1e-6
 

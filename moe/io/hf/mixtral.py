@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from ...config import ModelConfig
 from ...model import layer_plan
-from .spec import Family, Names, config_error, expect, refuse, rope_from_hf, rope_to_hf
+from .config_keys import config_error, expect, refuse, rope_from_hf, rope_to_hf
+from .spec import Family, Names
 
 
 class Mixtral(Family):

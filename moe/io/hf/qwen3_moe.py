@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from ...config import ModelConfig
 from ...model import layer_plan
-from .spec import Family, expect, plan_fields, refuse, rope_from_hf, rope_to_hf
+from .config_keys import expect, plan_fields, refuse, rope_from_hf, rope_to_hf
+from .spec import Family
 
 
 class Qwen3Moe(Family):
