@@ -11,7 +11,12 @@ representative problems below; the fastest in total wins:
 
     rows       [M, d] x [E, d, 2f] (up projection) and [M, f] x [E, f, d] (down)
     swiglu_up  the expert FFN up kernel: gather, two accumulators, SwiGLU epilogue
-    dw         dB of both projections: [M, d]^T [M, 2f] and [M, f]^T [M, d] per expert
+    dw         dB of both projections: [M, d]^T [M, 2f] and [M, f]^T [M, d] per expert,
+               and the up projection's dB again with skewed routing (expert 0 holds half the rows)
+
+Then the opt-in options of the kind (OPTIONS: SPLIT 2 and 4 for dw, TMA for rows and swiglu_up;
+see moe_kernels/tuning.py) are tried on the TOP_TILES fastest tile configs; an
+option enters the table only if it wins (absent fields mean SPLIT 1, TMA off).
 
 The winners replace this GPU family's section of the table (fp32 classes keep the
 "default" entries); `_provenance` records device, versions, commit and date.
@@ -31,13 +36,16 @@ import triton.testing
 from moe_kernels.ffn_kernels import launch_up
 from moe_kernels.gemm_dw import launch_dw
 from moe_kernels.gemm_rows import launch_rows
-from moe_kernels.tuning import TABLE_PATH, device_family, dump_table, get_config, load_table
+from moe_kernels.tuning import TABLE_PATH, device_family, dump_table, get_config, load_table, section_for
 
 D, F, E = 8192, 2048, 8
 DEVICE, DTYPE = "cuda", torch.bfloat16
 ROWS_PER_GROUP = {"decode": 16, "small": 128, "large": 4096}
 SMEM_LIMIT = 200 * 1024  # H100: 227 KB per block; keep room for the epilogue's layout conversions
 TOLERANCE = 1e-2
+# opt-in fields worth trying per kind (each on the fastest tile configs; default values are implied)
+OPTIONS = {"rows": [{"TMA": True}], "swiglu_up": [{"TMA": True}], "dw": [{"SPLIT": 2}, {"SPLIT": 4}]}
+TOP_TILES = 3
 
 
 def candidates(kind: str, cls: str) -> list[dict]:
@@ -87,10 +95,28 @@ def problems(kind: str, cls: str) -> list:
         h, z = (torch.empty(m, n, device=DEVICE, dtype=DTYPE) for n in (F, 2 * F))
         runs.append(lambda cfg: (launch_up(x, w_in, offs, row_token, h, z, "swiglu", config=cfg), h)[1])
     else:
-        for k, n in ((D, 2 * F), (F, D)):
+        # expert 0 holds half the rows, the other experts share the rest: the case SPLIT is for
+        skew = [m // 2] + [m // 2 // (E - 1)] * (E - 1)
+        skew[0] += m - sum(skew)
+        offs_skew = torch.tensor(skew, device=DEVICE).cumsum(0).to(torch.int32)
+        for k, n, o in ((D, 2 * F, offs), (F, D, offs), (D, 2 * F, offs_skew)):
             a, dy, out = rand(m, k), rand(m, n), torch.empty(E, k, n, device=DEVICE, dtype=DTYPE)
-            runs.append(lambda cfg, a=a, dy=dy, out=out: (launch_dw(a, dy, out, offs, m, config=cfg), out)[1])
+            runs.append(lambda cfg, a=a, dy=dy, out=out, o=o: (launch_dw(a, dy, out, o, m, config=cfg), out)[1])
     return runs
+
+
+def time_config(runs: list, refs: list, cfg: dict) -> float | None:
+    """Total median ms of `cfg` on the runs, or None if it fails to build or disagrees with refs."""
+    try:
+        outs = [run(cfg) for run in runs]
+    except Exception as err:  # out of shared memory or registers, or a compiler error: not a candidate
+        print(f"  skip {cfg}: {type(err).__name__}")
+        return None
+    errors = [(o.float() - r.float()).norm().item() / r.float().norm().item() for o, r in zip(outs, refs)]
+    if max(errors) > TOLERANCE:
+        print(f"  skip {cfg}: relative error {max(errors):.2e}")
+        return None
+    return sum(triton.testing.do_bench(lambda r=r: r(cfg), warmup=5, rep=20, return_mode="median") for r in runs)
 
 
 def tune_class(kind: str, cls: str) -> tuple[dict, float]:
@@ -98,23 +124,16 @@ def tune_class(kind: str, cls: str) -> tuple[dict, float]:
     runs = problems(kind, cls)
     current = get_config(kind, DTYPE, E * ROWS_PER_GROUP[cls], E, torch.device(DEVICE), interpret=False)
     refs = [run(current).clone() for run in runs]
-    best, best_ms = (
-        current,
-        sum(triton.testing.do_bench(lambda r=r: r(current), warmup=5, rep=20, return_mode="median") for r in runs),
-    )
-    for cfg in candidates(kind, cls):
-        try:
-            outs = [run(cfg) for run in runs]
-        except Exception as err:  # out of shared memory or registers, or a compiler error: not a candidate
-            print(f"  skip {cfg}: {type(err).__name__}")
-            continue
-        errors = [(o.float() - r.float()).norm().item() / r.float().norm().item() for o, r in zip(outs, refs)]
-        if max(errors) > TOLERANCE:
-            print(f"  skip {cfg}: relative error {max(errors):.2e}")
-            continue
-        ms = sum(triton.testing.do_bench(lambda r=r: r(cfg), warmup=5, rep=20, return_mode="median") for r in runs)
-        if ms < best_ms:
-            best, best_ms = cfg, ms
+    timed = [(ms, cfg) for cfg in (current, *candidates(kind, cls)) if (ms := time_config(runs, refs, cfg)) is not None]
+    timed.sort(key=lambda t: t[0])
+    for base_ms, base in timed[:TOP_TILES]:
+        for option in OPTIONS[kind]:
+            cfg = {**base, **option}
+            ms = time_config(runs, refs, cfg)
+            if ms is not None:
+                print(f"  {option}: {ms:.3f} ms against {base_ms:.3f} ms without, tiles {base}")
+                timed.append((ms, cfg))
+    best_ms, best = min(timed, key=lambda t: t[0])
     return best, best_ms
 
 
@@ -124,7 +143,10 @@ def tune_and_write(kinds: list[str] | None, commit: str, out_path: Path = TABLE_
     The table is rewritten after every shape class, so a sweep stopped by a time limit keeps its winners."""
     section = device_family(torch.cuda.get_device_name(0))
     table = dict(load_table())
-    entries = dict(table.get(section, {}))
+    # a new family's section starts from the section it used so far (an alias: H200 -> h100), so
+    # classes left out of this run keep those tiles rather than falling back to "default"
+    in_use = section_for(torch.cuda.get_device_name(0), table)
+    entries = dict(table.get(section) or (table[in_use] if in_use != "default" else {}))
     provenance = dict(table.get("_provenance", {}))
     tuned = list(provenance.get(section, {}).get("tuned", []))
     for kind in kinds or ("rows", "swiglu_up", "dw"):

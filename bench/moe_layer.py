@@ -1,235 +1,492 @@
-"""The whole MoE layer, forward and forward+backward, on each expert backend.
+"""Routed experts of one MoE layer on one GPU, side by side: ours (Triton and torch backends),
+transformers' grouped_mm experts and SonicMoE, on the same bf16 weights and the same routing.
 
-Shapes: T = tokens, d = model dim, f = expert FFN dim, E = local experts, K = top-k,
+Legend: T = tokens, d = model dim, f = expert FFN dim, E = local experts, K = top-k,
 R = T*K routed rows.
 
-Where bench/grouped_gemm.py times single GEMMs, this times what a training step pays for
-one MoE layer of one GPU: router, dispatch, both expert GEMMs with the activation, combine
-and the shared expert, on the "torch" backend (F.grouped_mm with materialised permutes),
-the "triton" backend (moe_kernels.expert_ffn, gather/scatter fused into the GEMMs) and the
-"eager" loop. Per-GPU expert shapes of Ling-1T (d 8192) and DeepSeek-V3 (d 7168), expert
-FFN 2048, 8 to 64 local experts, top-8, 4K to 64K routed rows, balanced or skewed routing
-(the router's selection bias is set so that expert loads follow a Zipf law).
+Shapes: the per-GPU expert shapes of every full config (read from configs/full/): Ling-1T,
+DeepSeek-V3, Qwen3-30B-A3B, Mixtral 8x7B, OLMoE and Ling-flash by default, any other with
+--model. Local experts: the config's full E where its experts fit in 8 GiB (the fine-grained
+models), else 8 and 32 (expert parallelism over 32 or 8 GPUs). Rows 4K, 16K and 64K; routing
+balanced (every expert gets R/E rows) or skewed (each token draws its K experts without
+replacement with probability ~ 1 / rank^1.2; the load's max/mean is recorded). Where K = E the
+two are the same routing, and only the balanced one runs.
 
-Before timing, every backend's bf16 output and input gradient are checked against the
-"torch" backend in fp32 (relative error); a failing backend is recorded, not timed.
-TFLOP/s counts the expert GEMMs only (6 R d f forward for SwiGLU, three times that forward
-+ backward), the work the backends differ in. Results: bench/results/<device>/moe_layer.json,
-plot: moe_layer.png beside it.
+Every implementation takes (x [T, d], topk_idx [T, K], topk_weight [T, K]) and returns the weighted
+sum [T, d] (bench/moe_layer_peers.py). Per case, correctness first: each one's bf16 output and the
+gradients of sum(out * g) for a fixed random g (input, both expert weights, routing weights where it
+supports them) against an fp32 reference (a plain loop over experts in this file, independent of
+everything under test), relative error <= 2e-2; a wrong or failing one is recorded, not timed.
+Then forward, backward (of the same graph, retained) and forward+backward are timed with
+triton.testing.do_bench (moe.perf.timing.measure; medians, few repeats on big shapes), the peak
+memory of one forward+backward is recorded, and TFLOP/s counts the expert GEMMs: 6 R d f forward,
+12 R d f backward, set against a dense bf16 torch.mm measured in the same run.
 
-usage: python bench/moe_layer.py [--quick] [--cpu-smoke]
+Results: <results-dir>/<device>/moe_layer.json, saved after every case (a run stopped by a time
+limit keeps what it measured), and one PNG per model beside it (bench/moe_layer_plot.py).
+
+usage: python bench/moe_layer.py [--quick] [--model NAME ...] [--budget-s S] [--cpu-smoke]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import math
+import os
+import subprocess
 import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe import MoE, MoEConfig  # noqa: E402
+import moe  # noqa: E402
 from moe.device import pick_device  # noqa: E402
-from moe.perf.results import environment, record, save
-from moe.perf.timing import measure  # noqa: E402
+from moe.errors import InputError  # noqa: E402
+from moe.perf.results import environment, record, save  # noqa: E402
+from moe.perf.timing import matmul_peak, measure  # noqa: E402
 
-MODELS = {"ling-1t": 8192, "deepseek-v3": 7168}
-FFN, TOP_K = 2048, 8
-EXPERTS = (8, 16, 32, 64)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import moe_layer_peers as peers  # noqa: E402
+from moe_layer_plot import plot_models  # noqa: E402
+
+MODELS = ("ling-1t", "deepseek-v3", "qwen3-30b-a3b", "mixtral-8x7b", "olmoe-1b-7b", "ling-flash-2.0")
 ROWS = (4096, 16384, 65536)
-QUICK = {"models": ("ling-1t",), "experts": (8, 32), "rows": (4096, 16384)}
-SMOKE = {"models": {"smoke": 64}, "experts": (4,), "rows": (64,), "ffn": 32, "top_k": 2}
-BACKENDS = ("torch", "triton", "eager")
+QUICK_ROWS = (16384,)  # --quick: one size, each model at its largest local E
+ROUTINGS = ("balanced", "zipf")
+EP_LOCAL_EXPERTS = (8, 32)  # local experts of a model too big for one GPU: EP over 32 or 8 GPUs
+FITS_BYTES = 8 << 30  # bf16 expert weights up to this stay whole on one GPU
+ZIPF_S = 1.2  # as bench/grouped_gemm.py
 TOLERANCE = 2e-2  # bf16 relative error against fp32
-EAGER_REPEATS = 3
+ASSUMED_TFLOPS = 300.0  # for planning only: repeats per case and the time budget
+TARGET_TIMING_S = 0.2  # do_bench's measured time per figure, about
+IMPLS = ("ours-triton", "ours-torch", "transformers", "sonicmoe")
+SMOKE = {"name": "smoke", "d": 48, "f": 24, "E": 4, "K": 2, "rows": (32,)}
 
 
-def build(d: int, f: int, experts: int, top_k: int, routing: str, device, dtype) -> MoE:
-    cfg = MoEConfig(
-        num_experts=experts,
-        top_k=top_k,
-        expert_ffn_size=f,
-        num_shared_experts=1,
-        score_func="sigmoid",
-        expert_bias=True,
-        routed_scaling_factor=2.5,
-    )
-    torch.manual_seed(0)
-    layer = MoE(cfg, d).to(device=device, dtype=dtype)
-    if routing == "zipf":  # a selection bias that favours low expert ids ~ log(1 / rank^1.2)
-        ranks = torch.arange(1, experts + 1, device=device, dtype=torch.float32)
-        layer.router.expert_bias.copy_(-1.2 * torch.log(ranks) * 0.2)
-    return layer
+@dataclass(frozen=True)
+class Case:
+    model: str
+    d: int
+    f: int
+    experts: int
+    top_k: int
+    rows: int
+    routing: str
+
+    @property
+    def tokens(self) -> int:
+        return self.rows // self.top_k
+
+    @property
+    def gemm_flops(self) -> int:
+        """Forward FLOPs of the expert GEMMs: 2 R d (2f) up, 2 R f d down."""
+        return 6 * self.rows * self.d * self.f
 
 
-def with_backend(layer: MoE, backend: str) -> MoE:
-    layer.experts.backend = backend  # the only module that reads it; the weights stay shared
-    return layer
+# --------------------------------------------------------------------------- shapes
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+def model_shape(name: str) -> dict:
+    cfg = moe.load_config(name)
+    m = cfg.moe
+    if m.activation != "swiglu":
+        raise InputError(f"--model {name}: the peers compute SwiGLU experts, this config has {m.activation}")
+    return {"d": cfg.hidden_size, "f": m.ffn_size(cfg.hidden_size), "experts_total": m.num_experts, "top_k": m.top_k}
 
 
-def reference(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output and input gradient of an fp32 twin on the "torch" backend (computed once per case:
-    where grouped_mm takes no fp32, as on CUDA in torch 2.11, the twin runs the slow eager loop)."""
-    ref_layer = with_backend(build_like(layer, torch.float32), "torch")
-    x32 = x.detach().float().requires_grad_()
-    ref = ref_layer(x32)
-    (ref_dx,) = torch.autograd.grad(ref.square().sum(), x32)
-    return ref.detach(), ref_dx
+def local_experts(shape: dict) -> tuple[int, ...]:
+    """The whole model's experts where they fit one GPU, else the expert-parallel shares."""
+    E = shape["experts_total"]
+    if E * 3 * shape["d"] * shape["f"] * 2 <= FITS_BYTES:
+        return (E,)
+    return tuple(e for e in EP_LOCAL_EXPERTS if e < E) or (E,)
 
 
-def check(layer: MoE, x: torch.Tensor, backend: str, ref: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """Worst relative error of output and input gradient against the fp32 reference."""
-    xb = x.detach().requires_grad_()
-    out = with_backend(layer, backend)(xb)
-    (dx,) = torch.autograd.grad(out.float().square().sum(), xb)
-    return max(rel_err(out, ref[0]), rel_err(dx, ref[1]))
+def grid(models: dict[str, dict], rows: tuple[int, ...], quick: bool) -> list[Case]:
+    """Small rows first, across every model: a run cut short by its time budget still covers every model."""
+    cases = []
+    for r in rows:
+        for name, s in models.items():
+            experts = local_experts(s)
+            for e in experts[-1:] if quick else experts:
+                k = min(s["top_k"], e)
+                for routing in ROUTINGS if k < e else ("balanced",):
+                    cases.append(Case(name, s["d"], s["f"], e, k, r, routing))
+    return cases
 
 
-def build_like(layer: MoE, dtype) -> MoE:
-    twin = MoE(layer.config, layer.hidden_size).to(device=layer.router.weight.device)
-    twin.load_state_dict(layer.state_dict())
-    return twin.to(dtype)
+def estimate_s(case: Case) -> float:
+    """Planned seconds of one case, in forward-equivalents of its GEMMs at ASSUMED_TFLOPS: per
+    implementation a checked forward+backward (3) and three measure() calls of 9 + n runs each
+    (moe.perf.timing: 1 untimed, 1 estimate, do_bench's 1 + 5 estimate + 1 warm-up, then n; n = 3
+    on the big shapes) of forward (1), backward (2, after one forward) and forward+backward (3):
+    ~76; four implementations and an fp32 reference (~6x slower): ~330. Plus ~3 s of fixed costs."""
+    return 330 * case.gemm_flops / (ASSUMED_TFLOPS * 1e12) + 3.0
 
 
-def run_case(
-    model: str, d: int, f: int, experts: int, rows: int, top_k: int, routing: str, device, dtype, backends, repeats: int
-) -> list[dict]:
-    tokens = rows // top_k
-    layer = build(d, f, experts, top_k, routing, device, dtype)
-    x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn(tokens, d, device=device, dtype=dtype)
-    gemm_flops = 6 * rows * d * f
-    ref = reference(layer, x)
-    out = []
-    for backend in backends:
-        row = dict(model=model, d=d, f=f, experts=experts, rows=rows, tokens=tokens, routing=routing, backend=backend)
-        err = check(layer, x, backend, ref)
-        row["rel_err"] = err
-        if not math.isfinite(err) or err > TOLERANCE:
-            row["status"] = f"wrong: relative error {err:.3g} > {TOLERANCE}"
-            out.append(row)
-            continue
-        with_backend(layer, backend)
-        n = min(repeats, EAGER_REPEATS) if backend == "eager" else repeats  # the loop is the slow reference
-        fwd = measure(lambda: layer(x), device, warmup=min(2, n), repeats=n)
-        step = measure(lambda: layer(x).backward(g), device, warmup=min(2, n), repeats=n)
-        row.update(
-            status="ok",
-            forward=fwd.to_dict(),
-            forward_backward=step.to_dict(),
-            forward_tflops=gemm_flops / fwd.median_s / 1e12,
-            forward_backward_tflops=3 * gemm_flops / step.median_s / 1e12,
-            load_max_over_mean=float(layer.stats["load"].max() * experts),
-        )
-        out.append(row)
+# --------------------------------------------------------------------------- routing and reference
+
+
+def routing(case: Case, device, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """topk_idx [T, K] int64 (K distinct experts per token) and topk_weight [T, K] fp32 (softmax)."""
+    T, K, E = case.tokens, case.top_k, case.experts
+    g = torch.Generator(device=device).manual_seed(seed)
+    if case.routing == "balanced":  # slot t*K + k takes expert (t*K + k) mod E, experts and tokens shuffled
+        perm = torch.randperm(E, device=device, generator=g)
+        slots = torch.arange(T * K, device=device).view(T, K) % E
+        idx = perm[slots][torch.randperm(T, device=device, generator=g)]
+    else:
+        p = torch.arange(1, E + 1, device=device, dtype=torch.float32).pow(-ZIPF_S)
+        idx = torch.multinomial(p.expand(T, E).contiguous(), K, replacement=False, generator=g)
+    weight = torch.randn(T, K, device=device, generator=g).softmax(-1)
+    return idx, weight
+
+
+def reference(x: Tensor, idx: Tensor, w: Tensor, w_in: Tensor, w_out: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """fp32 output and gradients of sum(out * g): a loop over experts, nothing shared with the peers."""
+    x, w = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    w_in, w_out = w_in.detach().float().requires_grad_(), w_out.detach().float().requires_grad_()
+    F = w_out.shape[1]
+    tokens, ys = [], []
+    for e in range(w_in.shape[0]):
+        token, k = torch.nonzero(idx == e, as_tuple=True)
+        h = x[token] @ w_in[e]
+        ys.append((torch.nn.functional.silu(h[:, :F]) * h[:, F:]) @ w_out[e] * w[token, k, None])
+        tokens.append(token)
+    out = torch.zeros_like(x).index_add(0, torch.cat(tokens), torch.cat(ys))  # one [T, d] buffer, not E
+    dx, dw_in, dw_out, dw = torch.autograd.grad(out, (x, w_in, w_out, w), g.float())
+    return {"out": out.detach(), "dx": dx, "dw_in": dw_in, "dw_out": dw_out, "d_routing_weight": dw}
+
+
+def rel_err(got: Tensor, ref: Tensor) -> float:
+    return ((got.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# --------------------------------------------------------------------------- one implementation
+
+
+def check(impl: peers.Impl, x: Tensor, idx: Tensor, w: Tensor, g: Tensor, ref: dict, device) -> dict:
+    """One forward+backward: relative errors, peak memory, first-call time (compiles included), warnings."""
+    xb, wb = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    sync(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = impl.forward(xb, idx, wb)
+        grads = torch.autograd.grad(out, (xb, *impl.weights, wb), g, allow_unused=True)
+        sync(device)
+    first_s = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+    dx, d_weights, dw = grads[0], grads[1:-1], grads[-1]
+    dw_in, dw_out = impl.to_ours(d_weights)
+    errors = {"out": rel_err(out, ref["out"]), "dx": rel_err(dx, ref["dx"])}
+    errors |= {"dw_in": rel_err(dw_in, ref["dw_in"]), "dw_out": rel_err(dw_out, ref["dw_out"])}
+    errors["d_routing_weight"] = None if dw is None else rel_err(dw, ref["d_routing_weight"])
+    return {
+        "rel_err": errors,
+        "routing_weight_grad": dw is not None,
+        "peak_memory_bytes": peak,
+        "first_call_s": first_s,
+        "warnings": sorted({str(c.message)[:200] for c in caught}),
+    }
+
+
+def time_impl(impl: peers.Impl, case: Case, x: Tensor, idx: Tensor, w: Tensor, g: Tensor, device, smoke: bool) -> dict:
+    """do_bench medians of forward, backward (the retained graph of one forward) and forward+backward."""
+    routing_grad = impl.notes.get("routing_weight_grad", True)
+    xb, wb = x.detach().requires_grad_(), w.detach().requires_grad_(routing_grad)
+    inputs = (xb, *impl.weights) + ((wb,) if routing_grad else ())
+    est = 3 * case.gemm_flops / (ASSUMED_TFLOPS * 1e12)
+    n = 1 if smoke else max(3, min(10, round(TARGET_TIMING_S / max(est, 1e-9))))
+    warmup = 0 if smoke else 1
+
+    def forward():
+        return impl.forward(xb, idx, wb)
+
+    def step():
+        return torch.autograd.grad(forward(), inputs, g, allow_unused=True)
+
+    out = {"forward": measure(forward, device, warmup, n).to_dict()}
+    graph = forward()
+    try:
+        out["backward"] = measure(
+            lambda: torch.autograd.grad(graph, inputs, g, retain_graph=True, allow_unused=True), device, warmup, n
+        ).to_dict()
+        out["backward_how"] = "autograd.grad on one retained forward graph"
+    except RuntimeError as e:  # a backward that cannot run twice: derive it below
+        out["backward_how"] = f"forward_backward - forward ({type(e).__name__}: {str(e)[:120]})"
+    graph = None  # frees the retained graph before the next measurement
+    out["forward_backward"] = measure(step, device, warmup, n).to_dict()
+    if "backward" not in out:
+        median = max(out["forward_backward"]["median_s"] - out["forward"]["median_s"], 1e-12)
+        out["backward"] = {"median_s": median, "derived": True}
+    for key, flops in (("forward", 1), ("backward", 2), ("forward_backward", 3)):
+        out[f"{key}_tflops"] = flops * case.gemm_flops / out[key]["median_s"] / 1e12
     return out
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rows = [r for r in result["results"]["cases"] if r["status"] == "ok"]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    labels = sorted({(r["model"], r["experts"], r["rows"], r["routing"]) for r in rows})
-    width = 0.8 / len(BACKENDS)
-    for i, backend in enumerate(BACKENDS):
-        values = [
-            next(
-                (
-                    r["forward_backward_tflops"]
-                    for r in rows
-                    if r["backend"] == backend and (r["model"], r["experts"], r["rows"], r["routing"]) == lab
-                ),
-                0.0,
-            )
-            for lab in labels
-        ]
-        ax.bar([j + i * width for j in range(len(labels))], values, width, label=backend)
-    ax.set_xticks([j + width for j in range(len(labels))])
-    ax.set_xticklabels([f"{m}\nE{e} R{r // 1024}K {rt}" for m, e, r, rt in labels], fontsize=7)
-    ax.set_ylabel("expert-GEMM TFLOP/s, forward + backward")
-    ax.set_title(f"MoE layer on {result['environment']['device']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+# --------------------------------------------------------------------------- one case
+
+
+def build_impls(case: Case, w_in: Tensor, w_out: Tensor, args, sonic_reason: str) -> list[peers.Impl]:
+    layer = peers.our_layer(w_in, w_out, case.top_k, w_in.dtype)
+    impls = [peers.ours(layer, "triton"), peers.ours(layer, "torch")]
+    impls.append(peers.transformers_grouped_mm(w_in, w_out, case.top_k))
+    if sonic_reason:
+        impls.append(peers.Impl("sonicmoe", None, reason=sonic_reason))
+    else:
+        impls.append(peers.sonicmoe(w_in, w_out, case.top_k, autotune=args.sonic_autotune))
+    if args.with_wrong:
+        impls.append(peers.wrong(layer))
+    return impls
+
+
+def run_case(case: Case, device, dtype, args, sonic_reason: str, peak_tflops: float | None) -> list[dict]:
+    torch.manual_seed(0)
+    w_in, w_out = peers.canonical_weights(case.experts, case.d, case.f, device, dtype)
+    idx, w = routing(case, device)
+    x = torch.randn(case.tokens, case.d, device=device, dtype=dtype)
+    g = torch.randn(case.tokens, case.d, device=device, dtype=dtype)
+    ref = reference(x, idx, w, w_in, w_out, g)
+    load = torch.bincount(idx.flatten(), minlength=case.experts).float()
+    base = {**case.__dict__, "tokens": case.tokens, "load_max_over_mean": (load.max() / load.mean()).item()}
+    rows = []
+    for impl in build_impls(case, w_in, w_out, args, sonic_reason):
+        row = {**base, "impl": impl.name, "notes": impl.notes}
+        rows.append(row)
+        if impl.forward is None:
+            row["status"] = f"unavailable: {impl.reason}"
+            continue
+        try:
+            row.update(check(impl, x, idx, w, g, ref, device))
+            worst = max(v for v in row["rel_err"].values() if v is not None)
+            row["rel_err"] = {k: v if v is None or math.isfinite(v) else str(v) for k, v in row["rel_err"].items()}
+            if not math.isfinite(worst) or worst > TOLERANCE:  # NaN compares false: caught here
+                row["status"] = f"wrong: relative error {worst:.3g} > {TOLERANCE}"
+                continue
+            impl.notes["routing_weight_grad"] = row["routing_weight_grad"]
+            row.update(time_impl(impl, case, x, idx, w, g, device, args.cpu_smoke))
+            if peak_tflops:
+                for key in ("forward", "backward", "forward_backward"):
+                    row[f"{key}_of_peak"] = row[f"{key}_tflops"] / peak_tflops
+            row["status"] = "ok"
+        except Exception as e:  # one failing implementation must not stop the others
+            row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+            row["traceback"] = traceback.format_exc()[-2000:]
+            if device.type == "cuda" and not cuda_alive(device):
+                raise DeviceLost(f"{impl.name} left the CUDA context broken: {e}") from e
+    return rows
+
+
+class DeviceLost(Exception):
+    """The CUDA context no longer answers: nothing after this can run in this process."""
+
+
+def cuda_alive(device) -> bool:
+    """After an error: does the device still answer (an illegal access poisons the whole process)?"""
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).add_(1).item()
+        return True
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------- SonicMoE probe
+
+
+def probe_sonic(device, timeout_s: float, autotune: bool) -> str:
+    """Run SonicMoE once on a small case in a child process: '' if it ran, else why not.
+
+    A crash inside its CUDA or MLIR code (segfault, illegal access) would end this process and every
+    case after it; the child takes that risk instead. Its compiled kernels land in QuACK's disk
+    cache, so the main run loads them instead of compiling again."""
+    if device.type != "cuda":
+        return "SonicMoE needs a CUDA GPU (Hopper or Blackwell)"
+    if importlib.util.find_spec("sonicmoe") is None:  # no child needed to learn that
+        return "sonicmoe is not installed (pip install sonic-moe; bench/gpu_session.sh installs it from .whl)"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe-sonic"] + (["--sonic-autotune"] if autotune else [])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"the SonicMoE probe (a small case in a child process) ran over {timeout_s:.0f}s"
+    said = [line for line in proc.stdout.splitlines() if line.startswith("sonicmoe ")]
+    if proc.returncode == 0 and said and said[-1].startswith("sonicmoe ok"):
+        return ""
+    if proc.returncode == 0 and said:  # "sonicmoe unavailable: <why>"
+        return said[-1].removeprefix("sonicmoe unavailable: ")[:300]
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    return f"the SonicMoE probe failed (exit {proc.returncode}): {last[:300]}"
+
+
+def probe_sonic_main(args) -> int:
+    """The child's side: prints "sonicmoe ok: ..." or "sonicmoe unavailable: <why>"; a crash shows as its exit."""
+    try:
+        device = torch.device("cuda")
+        case = Case("probe", 512, 256, 8, 2, 1024, "zipf")
+        w_in, w_out = peers.canonical_weights(case.experts, case.d, case.f, device, torch.bfloat16)
+        impl = peers.sonicmoe(w_in, w_out, case.top_k, autotune=args.sonic_autotune)
+        if impl.forward is None:
+            print(f"sonicmoe unavailable: {impl.reason}")
+            return 0
+        idx, w = routing(case, device)
+        x = torch.randn(case.tokens, case.d, device=device, dtype=torch.bfloat16)
+        g = torch.randn_like(x)
+        result = check(impl, x, idx, w, g, reference(x, idx, w, w_in, w_out, g), device)
+    except Exception as e:  # a Python-level failure: the main run records it instead of running SonicMoE
+        traceback.print_exc()
+        print(f"sonicmoe unavailable: the probe raised {type(e).__name__}: {str(e)[:250]}")
+        return 0
+    print(f"sonicmoe ok: {result['rel_err']} first call {result['first_call_s']:.1f}s")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="rows 16K only, each model at its largest local E (~2 min)"
+    )
+    parser.add_argument(
+        "--model", action="append", help=f"a full config name or path (repeatable); default: {', '.join(MODELS)}"
+    )
+    parser.add_argument("--rows", type=int, action="append", help="routed rows (repeatable); default 4K, 16K, 64K")
+    parser.add_argument("--budget-s", type=float, default=None, help="skip cases (recorded) that would end past this")
+    parser.add_argument("--cpu-smoke", action="store_true", help="one tiny fp32 shape: tests the machinery on CPU")
+    parser.add_argument("--with-wrong", action="store_true", help="add a deliberately wrong implementation (tests)")
+    parser.add_argument("--sonic-autotune", action="store_true", help="let QuACK autotune every shape (slow)")
+    parser.add_argument("--no-sonic-probe", action="store_true", help="run SonicMoE in this process without a probe")
+    parser.add_argument("--probe-sonic", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--commit", default=None, help="commit to record when the checkout has no .git")
+    parser.add_argument("--results-dir", default=None, help="default: bench/results")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few shapes only")
-    parser.add_argument("--cpu-smoke", action="store_true", help="a tiny fp32 shape, to test the machinery on CPU")
-    parser.add_argument("--results-dir", default=None, help="default: bench/results")
-    args = parser.parse_args(argv)
+    args = parse(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference is true fp32
+    if args.probe_sonic:
+        return probe_sonic_main(args)
+    start = time.perf_counter()
     device = pick_device("auto")
     if args.cpu_smoke:
-        models, experts, rows, f, top_k, dtype = (
-            SMOKE["models"],
-            SMOKE["experts"],
-            SMOKE["rows"],
-            SMOKE["ffn"],
-            SMOKE["top_k"],
-            torch.float32,
-        )
-        backends = ("torch", "eager", "triton")
+        device, dtype = torch.device("cpu"), torch.float32
+        models = {SMOKE["name"]: {"d": SMOKE["d"], "f": SMOKE["f"], "experts_total": SMOKE["E"], "top_k": SMOKE["K"]}}
+        rows = tuple(args.rows or SMOKE["rows"])
     elif device.type != "cuda":
         print("bench/moe_layer.py needs a CUDA GPU (or --cpu-smoke); nothing was measured", file=sys.stderr)
         return 2
     else:
-        shapes = QUICK if args.quick else {"models": MODELS, "experts": EXPERTS, "rows": ROWS}
-        models = {m: MODELS[m] for m in shapes["models"]}
-        experts, rows, f, top_k, dtype, backends = (
-            shapes["experts"],
-            shapes["rows"],
-            FFN,
-            TOP_K,
-            torch.bfloat16,
-            BACKENDS,
-        )
-    cases = []
+        dtype = torch.bfloat16
+        models = {name: model_shape(name) for name in args.model or MODELS}
+        rows = tuple(args.rows or (QUICK_ROWS if args.quick else ROWS))
+    cases = grid(models, rows, args.quick)
     env = environment(device)
-    for model, d in models.items():
-        for e in experts:
-            for r in rows:
-                for routing in ("balanced",) if args.cpu_smoke else ("balanced", "zipf"):
-                    cases += run_case(
-                        model, d, f, e, r, top_k, routing, device, dtype, backends, repeats=1 if args.cpu_smoke else 10
-                    )
-                    last = cases[-len(backends) :]
-                    print(
-                        " ".join(f"{c['backend']}={c.get('forward_backward_tflops', float('nan')):.1f}" for c in last),
-                        f"TFLOP/s  {model} E={e} R={r} {routing}",
-                        flush=True,
-                    )
-                    # saved after every case, so that a run stopped by a time limit keeps what it measured
-                    result = record(
-                        "moe_layer",
-                        env,
-                        {"ffn": f, "top_k": top_k, "shared_experts": 1},
-                        {
-                            "dtype": str(dtype),
-                            "tolerance": TOLERANCE,
-                            "smoke": args.cpu_smoke,
-                            "eager_repeats": EAGER_REPEATS,
-                        },
-                        {"cases": cases},
-                    )
-                    path = save(result, "moe_layer", args.results_dir)
-    plot(result, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
-    return 0
+    if args.commit:
+        env["commit"] = args.commit
+    peak = dense_peak(device, args.cpu_smoke)
+    sonic_reason = probe_time = ""
+    if not args.cpu_smoke and not args.no_sonic_probe:
+        t0 = time.perf_counter()
+        sonic_reason = probe_sonic(device, min(240.0, (args.budget_s or 600) / 2), args.sonic_autotune)
+        probe_time = f"{time.perf_counter() - t0:.1f}s"
+        print(f"sonicmoe probe ({probe_time}): {sonic_reason or 'ran'}", flush=True)
+    elif args.cpu_smoke:
+        sonic_reason = "SonicMoE needs a CUDA GPU (Hopper or Blackwell)"
+    settings = {
+        "dtype": str(dtype),
+        "tolerance": TOLERANCE,
+        "zipf_exponent": ZIPF_S,
+        "rows": list(rows),
+        "quick": args.quick,
+        "smoke": args.cpu_smoke,
+        "budget_s": args.budget_s,
+        "sonic_autotune": args.sonic_autotune,
+        "sonic_probe": {"seconds": probe_time, "result": sonic_reason or "ran"},
+        "flops": "expert GEMMs only: 6 R d f forward, 12 R d f backward",
+        "timing": "moe.perf.timing.measure: triton.testing.do_bench medians on CUDA, perf_counter on CPU",
+        "planned_s": round(sum(estimate_s(c) for c in cases), 1),
+    }
+    results: dict = {"dense_peak": peak, "cases": [], "skipped": []}
+    path = None
+    status = 0
+    for case in cases:
+        elapsed = time.perf_counter() - start
+        if args.budget_s is not None and elapsed + estimate_s(case) > args.budget_s:
+            results["skipped"].append(
+                {**case.__dict__, "reason": f"time budget {args.budget_s:.0f}s ({elapsed:.0f}s spent)"}
+            )
+            continue
+        try:
+            rows_out = run_case(case, device, dtype, args, sonic_reason, peak["tflops"] if peak else None)
+        except DeviceLost as e:  # save what there is and stop
+            results["skipped"].append({**case.__dict__, "reason": str(e)[:300]})
+            print(f"stopping: {e}", file=sys.stderr)
+            status = 1
+            break
+        except Exception as e:  # the case itself (its weights, its reference) failed, e.g. out of memory
+            rows_out = []
+            results["skipped"].append({**case.__dict__, "reason": f"error: {type(e).__name__}: {str(e)[:300]}"})
+            print(f"case failed: {case}: {e}", file=sys.stderr)
+            status = 1
+        finally:
+            free(device)
+        results["cases"] += rows_out
+        print(summary(case, rows_out, time.perf_counter() - start), flush=True)
+        result = record("moe_layer", env, {"models": models}, settings, results)
+        path = save(result, "moe_layer", args.results_dir)
+    result = record("moe_layer", env, {"models": models}, settings, results)
+    path = save(result, "moe_layer", args.results_dir)
+    pngs = plot_models(result, path.parent)
+    print(f"wrote {path} and {len(pngs)} plots; {len(results['skipped'])} cases skipped")
+    return status
+
+
+def dense_peak(device, smoke: bool) -> dict | None:
+    try:
+        if smoke:
+            return matmul_peak(device, "fp32", n=128, warmup=1, repeats=3)
+        return matmul_peak(device, "bf16", n=8192, warmup=3, repeats=10)
+    except Exception as e:  # the comparison stands without it
+        print(f"dense peak not measured: {e}", file=sys.stderr)
+        return None
+
+
+def free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def summary(case: Case, rows: list[dict], elapsed: float) -> str:
+    cells = []
+    for r in rows:
+        value = f"{r['forward_backward_tflops']:.3g}" if r["status"] == "ok" else r["status"].split(":")[0]
+        cells.append(f"{r['impl']}={value}")
+    shape = f"{case.model} E={case.experts} K={case.top_k} R={case.rows} {case.routing}"
+    return f"[{elapsed:5.0f}s] {shape}: fwd+bwd TFLOP/s " + " ".join(cells)
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

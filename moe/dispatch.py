@@ -121,8 +121,41 @@ def combine(y_AD: Tensor, weight_TK: Tensor, plan: DispatchPlan) -> Tensor:
     """Weighted sum of each token's K expert outputs: [A, D] -> [T, D], accumulated in fp32.
 
     A dense reduction over a [K, T, D] view, not a scatter-add, so the result is deterministic.
+    Dropped slots are already zero in y_AD.
     """
-    T, K = weight_TK.shape
-    y_KTD = y_AD.view(K, T, y_AD.shape[-1])
-    w_KT1 = weight_TK.t().unsqueeze(-1)  # dropped slots are already zero in y_AD
-    return (y_KTD.float() * w_KT1).sum(dim=0).to(y_AD.dtype)
+    return _WeightedSum.apply(y_AD, weight_TK)
+
+
+class _WeightedSum(torch.autograd.Function):
+    """out[t] = sum_k w[t, k] * y[k*T + t] in fp32, keeping y in its own dtype for the backward.
+
+    Plain autograd of `(y.float() * w).sum(0)` would keep the fp32 copy of y [A, D] for the
+    weights' gradient: twice the bytes of a bf16 y, the largest activation the "torch" backend
+    kept (bench/activation_memory.py). Here the fp32 products are formed again in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, y_AD: Tensor, weight_TK: Tensor) -> Tensor:
+        ctx.save_for_backward(y_AD, weight_TK)
+        T, K = weight_TK.shape
+        y_KTD = y_AD.view(K, T, y_AD.shape[-1])
+        return (y_KTD.float() * weight_TK.t().unsqueeze(-1).float()).sum(dim=0).to(y_AD.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TD: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        y_AD, weight_TK = ctx.saved_tensors
+        T, K = weight_TK.shape
+        g_1TD = grad_TD.float().unsqueeze(0)
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_y = (g_1TD * weight_TK.t().unsqueeze(-1).float()).to(y_AD.dtype).reshape(y_AD.shape)
+        if ctx.needs_input_grad[1]:
+            y_KTD = y_AD.view(K, T, y_AD.shape[-1])
+            grad_w = (y_KTD.float() * g_1TD).sum(dim=-1).t().to(weight_TK.dtype)
+        return grad_y, grad_w
+
+
+def row_weights(weight_TK: Tensor, plan: DispatchPlan) -> Tensor:
+    """The routing weight of each permuted row: [T, K] -> [R], in the plan's row order (the
+    fused kernels weight each row themselves instead of combining slot outputs afterwards)."""
+    return weight_TK.t().reshape(-1)[plan.row_slot]  # slots are k-major, as in `combine`

@@ -6,14 +6,17 @@ El = experts held here.
 The plan (dispatch.py) says which expert each slot goes to, in grouped order; a dispatcher
 moves the rows. The layer calls it in one place:
 
-    y_AD = dispatcher(x_TD, plan, experts)     # = collect(experts(*dispatch(x_TD, plan)))
+    out_TD = dispatcher(x_TD, plan, weight_TK, experts)
+           # = combine(collect(experts(*dispatch(x_TD, plan))), weight_TK, plan)
 
     dispatch(x_TD, plan) -> Dispatched(rows [R, D], offs [El] int32 of the experts here, state)
     experts(rows, offs)  -> [R, D]
     collect(y_RD, dispatched, plan) -> [A, D] in slot order (dropped slots zero)
+    combine(y_AD, weight_TK, plan) -> [T, D], each token's K outputs weighted and summed
 
 A dispatcher that fuses the moves into the expert GEMMs overrides `__call__` (LocalDispatcher
-does for the Triton backend). Implementations:
+does for the Triton backend, whose kernels also apply the routing weights and sum over top-k,
+so that no per-slot output [A, D] is kept for the backward). Implementations:
 - LocalDispatcher (here): every expert is in this process; dispatch is a gather (permute),
   collect a scatter (unpermute).
 - moe.distributed.AllToAllDispatcher: experts split over an expert-parallel group, rows sent
@@ -31,7 +34,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from .dispatch import DispatchPlan, permute, unpermute
+from .dispatch import DispatchPlan, combine, permute, unpermute
 from .experts import Experts
 
 
@@ -50,7 +53,13 @@ class Dispatcher(ABC):
     def collect(self, y_RD: Tensor, dispatched: Dispatched, plan: DispatchPlan) -> Tensor:
         """The experts' outputs [R, D] -> [A, D] in slot order, dropped slots zero."""
 
-    def __call__(self, x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
+    def __call__(self, x_TD: Tensor, plan: DispatchPlan, weight_TK: Tensor, experts: Experts) -> Tensor:
+        """Token rows [T, D] and routing weights [T, K] -> the layer's routed output [T, D]."""
+        y_AD = self.expert_outputs(x_TD, plan, experts)
+        return combine(y_AD, weight_TK.to(y_AD.dtype), plan)
+
+    def expert_outputs(self, x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
+        """Every slot's expert output, unweighted: [T, D] -> [A, D] in slot order."""
         sent = self.dispatch(x_TD, plan)
         return self.collect(experts(sent.rows, sent.offs), sent, plan)
 
@@ -64,6 +73,7 @@ class LocalDispatcher(Dispatcher):
     def collect(self, y_RD: Tensor, dispatched: Dispatched, plan: DispatchPlan) -> Tensor:
         return unpermute(y_RD, plan)
 
-    def __call__(self, x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
-        fused = experts.fused(x_TD, plan)  # the Triton backend gathers and scatters inside its GEMMs
-        return fused if fused is not None else super().__call__(x_TD, plan, experts)
+    def __call__(self, x_TD: Tensor, plan: DispatchPlan, weight_TK: Tensor, experts: Experts) -> Tensor:
+        # the Triton backend gathers, weights and sums inside its kernels
+        fused = experts.fused(x_TD, plan, weight_TK)
+        return fused if fused is not None else super().__call__(x_TD, plan, weight_TK, experts)

@@ -15,8 +15,9 @@ Backends (MoEConfig.backend), all computing the same function:
 - "torch":  torch.nn.functional.grouped_mm, one kernel per GEMM, no host sync. bf16 calls it
             directly; fp32 and fp16 through `moe::grouped_mm`, a torch.library op around the same
             kernel that torch.compile can trace in every dtype (see `torch_grouped_mm`).
-- "triton": moe_kernels.expert_ffn, gather fused into the first GEMM's loads and scatter into
-            the second GEMM's stores (`fused`, which the local dispatcher calls). Falls back
+- "triton": moe_kernels.moe_ffn, gather fused into the first GEMM's loads, routing weight into
+            its epilogue, sum over top-k after the second (`fused`, which the local dispatcher
+            calls); only the pre-activation is kept for the backward. Falls back
             to "torch" (one warning) where Triton cannot run: no triton, or CPU tensors
             without TRITON_INTERPRET=1. Behind another dispatcher the rows arrive already
             moved, and "triton" computes them with torch's grouped_mm.
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .dispatch import DispatchPlan
+from .dispatch import DispatchPlan, row_weights
 
 # torch.nn.functional.grouped_mm takes these on CPU; on CUDA (torch 2.8-2.11) bf16 only.
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -77,23 +78,18 @@ class Experts(nn.Module):
         h_RF = activate(mm(x_RD, w_in, offs), self.activation)
         return mm(h_RF, w_out, offs)
 
-    def fused(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor | None:
-        """Token rows in, per-slot outputs out, [T, D] -> [A, D], with the gather and scatter
-        inside the GEMMs; None where this backend has no fused path (or Triton cannot run)."""
+    def fused(self, x_TD: Tensor, plan: DispatchPlan, weight_TK: Tensor) -> Tensor | None:
+        """Token rows and routing weights in, the routed output out, [T, D] -> [T, D], with the
+        gather, the weights and the sum over top-k inside the kernels; None where this backend
+        has no fused path (or Triton cannot run)."""
         if self.backend != "triton" or self.takes_decode_path(plan.row_slot.numel()):
             return None
         moe_kernels = _triton_kernels(x_TD)
         if moe_kernels is None:
             return None
-        return moe_kernels.expert_ffn(
-            x_TD,
-            self.w_in,
-            self.w_out,
-            plan.offs,
-            plan.row_token,
-            plan.row_slot,
-            plan.row_slot.numel(),
-            self.activation,
+        row_weight_R = row_weights(weight_TK, plan)
+        return moe_kernels.moe_ffn(
+            x_TD, self.w_in, self.w_out, plan.offs, plan.row_token, row_weight_R, self.activation
         )
 
     def takes_decode_path(self, rows: int) -> bool:

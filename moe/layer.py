@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import balance
 from .capacity import expert_capacity
 from .config import MoEConfig
-from .dispatch import combine, plan_dispatch
+from .dispatch import plan_dispatch
 from .dispatcher import Dispatcher, LocalDispatcher
 from .errors import InputError
 from .experts import Experts, autocasting
@@ -93,8 +93,7 @@ class MoE(nn.Module):
         batch = batch_totals(route, x.shape[0] if x.dim() == 3 else None, self.config, self.scope)
         capacity_E = expert_capacity(batch.load_E, batch.num_tokens, self.config)
         plan = plan_dispatch(route.topk_idx, batch.local_load_E, capacity_E, batch.ahead_KE)
-        y_AD = self.dispatcher(x_TD, plan, self.experts)
-        out_TD = combine(y_AD, route.topk_weight.to(y_AD.dtype), plan)
+        out_TD = self.dispatcher(x_TD, plan, route.topk_weight, self.experts)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         self._record(batch, capacity_E)

@@ -16,6 +16,7 @@ Worked example (softmax, E=4, K=2, no groups, renormalised):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,7 @@ class Router(nn.Module):
 
     def forward(self, x_TD: Tensor) -> Routing:
         cfg = self.config
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        logits_TE = _Fp32Linear.apply(x_TD, self.weight)
         if cfg.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
             probs_TE = scores_TE
@@ -105,3 +106,36 @@ def limit_to_top_groups(choice_TE: Tensor, n_group: int, topk_group: int) -> Ten
     keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, keep_idx, True)
     keep_TE = keep_TG.repeat_interleave(E // n_group, dim=1)
     return choice_TE.masked_fill(~keep_TE, float("-inf"))
+
+
+class _Fp32Linear(torch.autograd.Function):
+    """F.linear(x.float(), w.float()), keeping x and w in their own dtypes for the backward.
+
+    Plain autograd would keep the fp32 copy of x [T, D] for the gate's gradient: 4D bytes per
+    token, more than anything the Triton experts keep per routed row at K = 8
+    (bench/activation_memory.py). The backward upcasts again; it computes in fp32 whatever the
+    autocast state, as the forward means to.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+        ctx.save_for_backward(x_TD, weight_ED)
+        return F.linear(x_TD.float(), weight_ED.float())
+
+    @staticmethod
+    def backward(ctx, grad_TE: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x_TD, weight_ED = ctx.saved_tensors
+        grad_TE = grad_TE.float()
+        with _autocast_off(grad_TE.device):
+            grad_x = (grad_TE @ weight_ED.float()).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = (grad_TE.t() @ x_TD.float()).to(weight_ED.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """autocast disabled on device's type; nothing to disable where autocast does not know the
+    type (meta), whose constructor raises."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()

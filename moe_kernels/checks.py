@@ -106,6 +106,42 @@ def expert_ffn_args(
     activation: str,
 ) -> tuple[int, int, int, int, int]:
     """Check the expert_ffn arguments; return (T, d, f, E, R)."""
+    t, d, f, e, r = _ffn_args(x, w_in, w_out, offs, row_token, activation)
+    _index("row_slot", row_slot, torch.int64, r)
+    if not isinstance(num_slots, (int, torch.SymInt)) or num_slots < r:
+        raise ValueError(f"num_slots must be an int >= R = {r} (every row writes its own slot), got {num_slots!r}")
+    _same_device(x=x, row_slot=row_slot)
+    return t, d, f, e, r
+
+
+def moe_ffn_args(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    offs: torch.Tensor,
+    row_token: torch.Tensor,
+    row_weight: torch.Tensor,
+    activation: str,
+) -> tuple[int, int, int, int, int]:
+    """Check the moe_ffn arguments; return (T, d, f, E, R)."""
+    t, d, f, e, r = _ffn_args(x, w_in, w_out, offs, row_token, activation)
+    _tensor("row_weight", row_weight)
+    if row_weight.dim() != 1 or row_weight.shape[0] != r:
+        raise ValueError(f"row_weight must be [R] = [{r}] (one weight per row), got shape {_shape(row_weight)}")
+    _float("row_weight", row_weight)
+    _same_device(x=x, row_weight=row_weight)
+    return t, d, f, e, r
+
+
+def _ffn_args(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    offs: torch.Tensor,
+    row_token: torch.Tensor,
+    activation: str,
+) -> tuple[int, int, int, int, int]:
+    """The checks expert_ffn and moe_ffn share; return (T, d, f, E, R)."""
     for name, t in (("x", x), ("w_in", w_in), ("w_out", w_out)):
         _tensor(name, t)
     if activation not in ("swiglu", "gelu"):
@@ -128,13 +164,10 @@ def expert_ffn_args(
     _index("offs", offs, torch.int32, e)
     _index("row_token", row_token, torch.int64)
     r = row_token.numel()
-    _index("row_slot", row_slot, torch.int64, r)
-    if not isinstance(num_slots, (int, torch.SymInt)) or num_slots < r:
-        raise ValueError(f"num_slots must be an int >= R = {r} (every row writes its own slot), got {num_slots!r}")
     _float("x", x)
     if w_in.dtype != x.dtype or w_out.dtype != x.dtype:
         raise TypeError(f"x, w_in and w_out must share a dtype, got {x.dtype}, {w_in.dtype}, {w_out.dtype}")
-    _same_device(x=x, w_in=w_in, w_out=w_out, offs=offs, row_token=row_token, row_slot=row_slot)
+    _same_device(x=x, w_in=w_in, w_out=w_out, offs=offs, row_token=row_token)
     for name, tensor in (("x", x), ("w_in", w_in), ("w_out", w_out)):
         _matrix_layout(name, tensor)
     return t, d, f, e, r

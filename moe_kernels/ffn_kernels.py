@@ -1,20 +1,30 @@
-"""The expert FFN's fused GEMMs: gathered up projection with the activation in its
-epilogue, and the dh GEMM with the activation's backward in its epilogue.
+"""The expert FFN's fused GEMMs: gathered up projection with the activation (and, for
+moe_ffn, the routing weight) in its epilogue, and the dh GEMM with the activation's backward
+(and the routing weight's gradient) in its epilogue.
 
 Shapes: R = permuted rows (sorted by expert), T = tokens, d = model dim,
-        f = expert hidden dim, E = experts, n_in = 2f (swiglu) or f (gelu).
+        f = expert hidden dim, E = experts, n_in = 2f (swiglu) or f (gelu),
+        s [R] = routing weight of each row (moe_ffn; expert_ffn has none: s = 1).
 
     up (forward):   z[r] = x[row_token[r]] @ w_in[e(r)]       z [R, n_in], x [T, d], w_in [E, d, n_in]
-                    h[r] = act(z[r])                           h [R, f]
-    dh (backward):  dh[r] = dy[row_slot[r]] @ w_out[e(r)]^T    dy [num_slots, d], w_out^T [E, d, f]
-                    dz[r] = act'(z[r]) * dh[r],  h[r] = act(z[r])
+                    h[r] = s[r] * act(z[r])                    h [R, f]
+    dh (backward):  dh[r] = dy[dy_rows[r]] @ w_out[e(r)]^T     dy [*, d], w_out^T [E, d, f]
+                    ds[r] = <dh[r], act(z[r])>                 (row-wise dot, with s only)
+                    dz[r] = act'(z[r]) * s[r] * dh[r],  h[r] = s[r] * act(z[r])
+
+Why the weight goes before the down projection: y = s * act(z) @ W_out is the same
+function as s * (act(z) @ W_out), but then the gradient of s is a row-wise dot of two
+tiles the dh epilogue already holds (dh and the recomputed act(z)), and nothing weighted,
+no per-expert output [R, d], has to be kept for the backward.
 
 Both tile (R, f): for swiglu, a program owns hidden columns [n0, n0 + BLOCK_N)
 of the gate *and* of the up half (columns f + n0...), so the activation is
 elementwise within the tile. The up kernel then carries two accumulators that
-share each A tile (one load of x for two products).
+share each A tile (one load of x for two products). A program sees BLOCK_N of the f
+columns, so ds comes out as one partial sum per column tile, [cdiv(f, BLOCK_N), R] in
+fp32, which the launcher sums in a fixed order (no atomics: deterministic).
 
-What fusion saves: the gathered x[row_token] [R, d] and dy[row_slot] [R, d]
+What fusion saves: the gathered x[row_token] [R, d] and dy[dy_rows] [R, d]
 copies are never written; z is read back by no separate activation pass; dz and
 h come out of one epilogue. z is stored (STORE_Z) only when a backward will
 need it; h is then recomputed from z in the dh epilogue, so between forward and
@@ -28,9 +38,9 @@ import triton
 import triton.language as tl
 
 from .activations import gelu, gelu_backward, swiglu, swiglu_backward
-from .gemm_rows import dot_precision, mma_loop, row_index
+from .gemm_rows import b_descriptor, dot_precision, mma_loop, mma_loop_tma, row_index
 from .runtime import interpreting, require_runnable
-from .schedule import group_block, max_row_tiles, row_tile
+from .schedule import group_block, max_row_tiles, row_tile, swizzle
 from .tuning import get_config
 
 
@@ -74,12 +84,49 @@ def mma_loop_pair(
 
 
 @triton.jit
+def mma_loop_pair_tma(
+    acc1,
+    acc2,
+    a_rows_ptrs,
+    row_mask,
+    stride_ak,
+    w_desc,
+    g,
+    n1,
+    n2,
+    K,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """mma_loop_pair with the two B tiles (columns n1.. and n2.. of w [E, K, 2f]) read through
+    a tensor descriptor (TMA on Hopper). A gate tile that runs past f reads up columns instead
+    of zeros: those accumulator columns are never stored (col_mask), and the activation is
+    elementwise, so they touch nothing that is."""
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_rows_ptrs + ks[None, :] * stride_ak
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & (ks < K - k0)[None, :], other=0.0)
+        b1 = w_desc.load([g, k0, n1]).reshape(BLOCK_K, BLOCK_N)
+        b2 = w_desc.load([g, k0, n2]).reshape(BLOCK_K, BLOCK_N)
+        acc1 = tl.dot(a, b1, acc1, input_precision=PRECISION)
+        acc2 = tl.dot(a, b2, acc2, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+    return acc1, acc2
+
+
+@triton.jit
 def ffn_up_kernel(
     x_ptr,
     row_token_ptr,
     w_ptr,
     h_ptr,
     z_ptr,
+    row_weight_ptr,
     offs_ptr,
     R,
     F,
@@ -104,6 +151,7 @@ def ffn_up_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    w_desc=None,  # a TensorDescriptor of w_in [E, d, n_in] (TMA loads; w_ptr unused); None: pointer loads
 ):
     g, rows, row_mask, cols, col_mask = row_tile(offs_ptr, E, R, F, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M)
     if g > E:
@@ -114,7 +162,14 @@ def ffn_up_kernel(
         x_rows = row_index(row_token_ptr, rows, row_mask)
         a_ptrs = x_ptr + x_rows[:, None] * stride_xm
         w_cols = w_ptr + g.to(tl.int64) * stride_wg + cols[None, :] * stride_wn
-        if ACTIVATION == "swiglu":
+        n0 = swizzle(tl.program_id(0), n_row_tiles, tl.cdiv(F, BLOCK_N), GROUP_M)[1] * BLOCK_N  # = cols[0]
+        if w_desc is not None and ACTIVATION == "swiglu":
+            acc, acc_up = mma_loop_pair_tma(
+                acc, acc_up, a_ptrs, row_mask, stride_xk, w_desc, g, n0, F + n0, D, BLOCK_K, BLOCK_N, EVEN_K, PRECISION
+            )
+        elif w_desc is not None:
+            acc = mma_loop_tma(acc, a_ptrs, row_mask, stride_xk, w_desc, g, n0, D, BLOCK_K, BLOCK_N, EVEN_K, PRECISION)
+        elif ACTIVATION == "swiglu":
             acc, acc_up = mma_loop_pair(
                 acc,
                 acc_up,
@@ -136,6 +191,8 @@ def ffn_up_kernel(
         h = swiglu(acc, acc_up)
     else:
         h = gelu(acc)
+    if row_weight_ptr is not None:  # moe_ffn: weight the row before the down projection
+        h *= tl.load(row_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     rows64 = rows.to(tl.int64)
     mask = row_mask[:, None] & col_mask[None, :]
     tl.store(h_ptr + rows64[:, None] * stride_hm + cols[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
@@ -149,11 +206,13 @@ def ffn_up_kernel(
 @triton.jit
 def ffn_act_backward_kernel(
     dy_ptr,
-    row_slot_ptr,
+    dy_rows_ptr,
     w_ptr,
     z_ptr,
     dz_ptr,
     h_ptr,
+    row_weight_ptr,
+    ds_ptr,
     offs_ptr,
     R,
     F,
@@ -179,39 +238,44 @@ def ffn_act_backward_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    w_desc=None,  # a TensorDescriptor of w_out [E, f, d] (TMA loads, tiles transposed); None: pointer loads
 ):
     g, rows, row_mask, cols, col_mask = row_tile(offs_ptr, E, R, F, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M)
     if g > E:
         return
     dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if g < E:  # the tail keeps dh = 0, hence dz = 0
-        dy_rows = row_index(row_slot_ptr, rows, row_mask)
-        dh = mma_loop(
-            dh,
-            dy_ptr + dy_rows[:, None] * stride_dym,
-            row_mask,
-            stride_dyk,
-            w_ptr + g.to(tl.int64) * stride_wg + cols[None, :] * stride_wn,
-            col_mask,
-            stride_wk,
-            D,
-            BLOCK_K,
-            EVEN_K,
-            PRECISION,
-        )
+        dy_rows = row_index(dy_rows_ptr, rows, row_mask)
+        a_ptrs = dy_ptr + dy_rows[:, None] * stride_dym
+        if w_desc is not None:
+            n0 = swizzle(tl.program_id(0), n_row_tiles, tl.cdiv(F, BLOCK_N), GROUP_M)[1] * BLOCK_N  # = cols[0]
+            dh = mma_loop_tma(
+                dh, a_ptrs, row_mask, stride_dyk, w_desc, g, n0, D, BLOCK_K, BLOCK_N, EVEN_K, PRECISION, True
+            )
+        else:
+            w_cols = w_ptr + g.to(tl.int64) * stride_wg + cols[None, :] * stride_wn
+            dh = mma_loop(dh, a_ptrs, row_mask, stride_dyk, w_cols, col_mask, stride_wk, D, BLOCK_K, EVEN_K, PRECISION)
     rows64 = rows.to(tl.int64)
     mask = row_mask[:, None] & col_mask[None, :]
     z_ptrs = z_ptr + rows64[:, None] * stride_zm + cols[None, :] * stride_zn
     dz_ptrs = dz_ptr + rows64[:, None] * stride_dzm + cols[None, :] * stride_dzn
     z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+    weight = tl.full((BLOCK_M,), 1.0, tl.float32)
+    if row_weight_ptr is not None:
+        weight = tl.load(row_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    # the activation's backward is linear in dh: pass s * dh, get act'(z) * s * dh
     if ACTIVATION == "swiglu":
         up = tl.load(z_ptrs + F * stride_zn, mask=mask, other=0.0).to(tl.float32)
-        dgate, dup, h = swiglu_backward(z, up, dh)
+        dgate, dup, h = swiglu_backward(z, up, dh * weight[:, None])
         tl.store(dz_ptrs, dgate.to(dz_ptr.dtype.element_ty), mask=mask)
         tl.store(dz_ptrs + F * stride_dzn, dup.to(dz_ptr.dtype.element_ty), mask=mask)
     else:
-        dz, h = gelu_backward(z, dh)
+        dz, h = gelu_backward(z, dh * weight[:, None])
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    if ds_ptr is not None:  # this column tile's share of ds[r] = <dh[r], act(z[r])>, unweighted
+        tile_n = swizzle(tl.program_id(0), n_row_tiles, tl.cdiv(F, BLOCK_N), GROUP_M)[1]
+        tl.store(ds_ptr + tile_n.to(tl.int64) * R + rows64, tl.sum(dh * h, axis=1), mask=row_mask)
+    h *= weight[:, None]  # dW_out needs the weighted h the down projection read
     tl.store(h_ptr + rows64[:, None] * stride_hm + cols[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -232,7 +296,7 @@ def _launch_args(
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    return grid, n_row_tiles, meta
+    return grid, n_row_tiles, meta, cfg
 
 
 def launch_up(
@@ -244,8 +308,10 @@ def launch_up(
     z: torch.Tensor | None,
     activation: str,
     config: dict | None = None,
+    row_weight: torch.Tensor | None = None,
 ) -> None:
-    """Fill h [R, f] (and z [R, n_in] unless None) from x [T, d] and w_in [E, d, n_in].
+    """Fill h [R, f] (and z [R, n_in] unless None) from x [T, d] and w_in [E, d, n_in];
+    with row_weight [R], h[r] is scaled by row_weight[r] (z is not).
 
     `config` overrides the tuning table (bench/grouped_gemm_tune.py sweeps it).
     """
@@ -255,14 +321,16 @@ def launch_up(
         return
     require_runnable(x.device, x.dtype)
     kind = "swiglu_up" if activation == "swiglu" else "rows"
-    grid, n_row_tiles, meta = _launch_args(kind, x, r, f, e, d, config)
+    grid, n_row_tiles, meta, cfg = _launch_args(kind, x, r, f, e, d, config)
     zs = z.stride() if z is not None else (0, 0)
+    desc = b_descriptor(w_in, cfg)  # w_in is [E, d, n_in] as it lies: never the transposed case
     ffn_up_kernel[grid](
         x,
         row_token,
         w_in,
         h,
         z,
+        row_weight,
         offs,
         r,
         f,
@@ -280,6 +348,7 @@ def launch_up(
         zs[1],
         ACTIVATION=activation,
         STORE_Z=z is not None,
+        w_desc=desc[0] if desc and not desc[1] else None,
         **meta,
     )
 
@@ -288,27 +357,38 @@ def launch_act_backward(
     dy: torch.Tensor,
     w_out: torch.Tensor,
     offs: torch.Tensor,
-    row_slot: torch.Tensor,
+    dy_rows: torch.Tensor,
     z: torch.Tensor,
     dz: torch.Tensor,
     h: torch.Tensor,
     activation: str,
+    row_weight: torch.Tensor | None = None,
+    ds: torch.Tensor | None = None,
 ) -> None:
-    """Fill dz [R, n_in] and h [R, f] from dy [num_slots, d], w_out [E, f, d] and z [R, n_in]."""
+    """Fill dz [R, n_in] and h [R, f] from dy [*, d] (row r reads dy[dy_rows[r]]), w_out [E, f, d]
+    and z [R, n_in]. With row_weight [R] (moe_ffn), dz and h are those of the weighted rows and
+    ds [R] (fp32, written in place) gets the gradient of each row's weight."""
     r, f = h.shape
     e, d = w_out.shape[0], w_out.shape[2]
     if r == 0 or f == 0:
         return
     require_runnable(dy.device, dy.dtype)
     w_t = w_out.transpose(1, 2)  # [E, d, f], a view: dh = dy_perm @ w_out^T
-    grid, n_row_tiles, meta = _launch_args("rows", dy, r, f, e, d)
+    grid, n_row_tiles, meta, cfg = _launch_args("rows", dy, r, f, e, d)
+    desc = b_descriptor(w_t, cfg)  # w_t = w_out^T: the descriptor of w_out, tiles transposed in the kernel
+    # one partial sum of ds per column tile, summed below in a fixed order
+    ds_parts = (
+        None if ds is None else torch.empty(triton.cdiv(f, meta["BLOCK_N"]), r, device=dy.device, dtype=torch.float32)
+    )
     ffn_act_backward_kernel[grid](
         dy,
-        row_slot,
+        dy_rows,
         w_t,
         z,
         dz,
         h,
+        row_weight,
+        ds_parts,
         offs,
         r,
         f,
@@ -327,5 +407,8 @@ def launch_act_backward(
         h.stride(0),
         h.stride(1),
         ACTIVATION=activation,
+        w_desc=desc[0] if desc and desc[1] else None,
         **meta,
     )
+    if ds is not None:
+        torch.sum(ds_parts, dim=0, out=ds)

@@ -14,6 +14,18 @@ A[idx[r]], are in ffn_kernels.py and gemm_dw.py.)
 
 Used for grouped_mm's forward (C = A B) and dA (dY B^T: B passed as a transposed
 view), and for the expert FFN's down projection (scatter) and dx GEMM.
+
+Opt-in TMA (a tile configuration with "TMA": true, see tuning.py): the B tiles are
+loaded through a host-side tensor descriptor of B [G, K, N] with block
+[1, BLOCK_K, BLOCK_N] (TMA copies into shared memory on Hopper; plain loads
+elsewhere and in the interpreter). The descriptor bounds each dimension, so a
+K tail or N tail reads zeros and a tile never crosses into the next group's
+weights: no masks on B. A transposed view B = W^T (dA, and the expert FFN's dx,
+with W [G, N, K] contiguous along K) gets a descriptor of W itself, block
+[1, BLOCK_N, BLOCK_K], and each tile is transposed in the kernel (B_TRANSPOSED): the
+MMA reads it from shared memory as it lies. TMA needs the descriptor's last dim
+contiguous and 16-byte aligned strides and base; otherwise the launcher falls back
+to pointer loads. A keeps pointer loads (its rows are a range of one group).
 """
 
 from __future__ import annotations
@@ -22,8 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side tensor descriptors (triton >= 3.4; the same API in 3.6 and 3.9)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older triton: the TMA option falls back to pointer loads
+    TensorDescriptor = None
+
 from .runtime import interpreting, require_runnable
-from .schedule import group_block, max_row_tiles, row_tile
+from .schedule import group_block, max_row_tiles, row_tile, swizzle
 from .tuning import get_config
 
 
@@ -82,6 +99,44 @@ def mma_loop(
 
 
 @triton.jit
+def mma_loop_tma(
+    acc,
+    a_rows_ptrs,
+    row_mask,
+    stride_ak,
+    b_desc,
+    g,
+    n0,
+    K,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    B_TRANSPOSED: tl.constexpr = False,
+):
+    """Like mma_loop, with B's tiles read through a tensor descriptor of B [G, K, N].
+
+    b_desc's block is [1, BLOCK_K, BLOCK_N]; the tile at (g, k0, n0) is B[g, k0:k0+BLOCK_K,
+    n0:n0+BLOCK_N] with zeros past K and N (the descriptor's padding), so only A is masked.
+    B_TRANSPOSED: b_desc describes W [G, N, K] with B = W^T, block [1, BLOCK_N, BLOCK_K].
+    """
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_rows_ptrs + ks[None, :] * stride_ak
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & (ks < K - k0)[None, :], other=0.0)
+        if B_TRANSPOSED:
+            b = tl.trans(b_desc.load([g, n0, k0]).reshape(BLOCK_N, BLOCK_K))
+        else:
+            b = b_desc.load([g, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+    return acc
+
+
+@triton.jit
 def grouped_rows_kernel(
     a_ptr,
     b_ptr,
@@ -107,31 +162,65 @@ def grouped_rows_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    b_desc=None,  # a TensorDescriptor of B: TMA loads of B (b_ptr and B's strides unused); None: pointer loads
+    B_TRANSPOSED: tl.constexpr = False,  # b_desc describes W [G, N, K], B = W^T (see b_descriptor)
 ):
     g, rows, row_mask, cols, col_mask = row_tile(offs_ptr, G, M, N, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M)
     if g > G:  # past the last tile of the grid's upper bound
         return
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if g < G:  # the tail (g == G) keeps acc = 0
-        acc = mma_loop(
-            acc,
-            a_ptr + rows.to(tl.int64)[:, None] * stride_am,
-            row_mask,
-            stride_ak,
-            b_ptr + g.to(tl.int64) * stride_bg + cols[None, :] * stride_bn,
-            col_mask,
-            stride_bk,
-            K,
-            BLOCK_K,
-            EVEN_K,
-            PRECISION,
-        )
+        a_rows_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am
+        if b_desc is not None:  # resolved at compile time, like row_index's None
+            n0 = swizzle(tl.program_id(0), n_row_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)[1] * BLOCK_N  # = cols[0]
+            acc = mma_loop_tma(
+                acc,
+                a_rows_ptrs,
+                row_mask,
+                stride_ak,
+                b_desc,
+                g,
+                n0,
+                K,
+                BLOCK_K,
+                BLOCK_N,
+                EVEN_K,
+                PRECISION,
+                B_TRANSPOSED,
+            )
+        else:
+            b_cols_ptrs = b_ptr + g.to(tl.int64) * stride_bg + cols[None, :] * stride_bn
+            acc = mma_loop(
+                acc, a_rows_ptrs, row_mask, stride_ak, b_cols_ptrs, col_mask, stride_bk, K, BLOCK_K, EVEN_K, PRECISION
+            )
     c_rows = row_index(c_rows_ptr, rows, row_mask)
     tl.store(
         c_ptr + c_rows[:, None] * stride_cm + cols[None, :] * stride_cn,
         acc.to(c_ptr.dtype.element_ty),
         mask=row_mask[:, None] & col_mask[None, :],
     )
+
+
+def b_descriptor(b: torch.Tensor, config: dict) -> tuple[object, bool] | None:
+    """(descriptor, transposed) for TMA loads of B when `config` asks for them ("TMA": true) and
+    B's layout allows them, else None (pointer loads).
+
+    B [G, K, N] contiguous along N: a descriptor of B, block [1, BLOCK_K, BLOCK_N].
+    B = W^T, a view of W [G, N, K] contiguous along K (dA's and dx's B): a descriptor of W,
+    block [1, BLOCK_N, BLOCK_K], transposed = True. Either way TMA needs the described
+    tensor's base and its other strides 16-byte aligned: e.g. bf16 with N % 8 == 0.
+    """
+    if not config.get("TMA", False) or TensorDescriptor is None or 0 in b.shape:
+        return None
+    transposed = b.stride(2) != 1 and b.stride(1) == 1
+    described = b.transpose(1, 2) if transposed else b
+    size = described.element_size()
+    if described.stride(2) != 1 or described.data_ptr() % 16:
+        return None
+    if any(s * size % 16 for s in (described.stride(0), described.stride(1))):
+        return None
+    block = [1, config["BLOCK_N"], config["BLOCK_K"]] if transposed else [1, config["BLOCK_K"], config["BLOCK_N"]]
+    return TensorDescriptor.from_tensor(described, block), transposed
 
 
 def launch_rows(
@@ -147,7 +236,8 @@ def launch_rows(
 
     a [M, K], b [G, K, N], c [*, N] (written in place); rows past offs[-1] write
     zeros. Arguments are checked by the callers (checks.py); this only launches.
-    `config` overrides the tuning table (bench/grouped_gemm_tune.py sweeps it).
+    `config` overrides the tuning table (bench/grouped_gemm_tune.py sweeps it); its
+    optional "TMA" asks for TMA loads of b where b's layout allows them (b_descriptor).
     """
     n, k, g = c.shape[1], a.shape[1], b.shape[0]
     if num_rows == 0 or n == 0:
@@ -156,6 +246,7 @@ def launch_rows(
     cfg = config or get_config("rows", a.dtype, num_rows, g, a.device, interpreting())
     n_row_tiles = max_row_tiles(num_rows, g, cfg["BLOCK_M"])
     grid = (n_row_tiles * triton.cdiv(n, cfg["BLOCK_N"]),)
+    desc = b_descriptor(b, cfg)
     grouped_rows_kernel[grid](
         a,
         b,
@@ -181,6 +272,8 @@ def launch_rows(
         GROUP_M=cfg["GROUP_M"],
         EVEN_K=k % cfg["BLOCK_K"] == 0,
         PRECISION=dot_precision(a.dtype),
+        b_desc=desc[0] if desc else None,
+        B_TRANSPOSED=bool(desc and desc[1]),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

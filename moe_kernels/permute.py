@@ -1,11 +1,13 @@
-"""Un-permuting the x gradient: dx[t] = sum of the permuted rows that read token t.
+"""Summing permuted rows per token: the x gradient, and moe_ffn's output (sum over top-k).
 
 Shapes: R = permuted rows, T = tokens, d = model dim.
 
 In the expert FFN, permuted row r reads token row_token[r], so the backward owes
-each token the sum of its rows' gradients (K rows per token with top-K routing):
+each token the sum of its rows' gradients (K rows per token with top-K routing), and
+moe_ffn's forward owes each token the sum of its K weighted expert outputs:
 
-    dx[t] = sum over r with row_token[r] == t of dx_rows[r]
+    dx[t]  = sum over r with row_token[r] == t of dx_rows[r]
+    out[t] = sum over r with row_token[r] == t of y_rows[r]
 
 `index_add_` would do this with atomics on CUDA: fast, but the order of the
 additions (hence the low bits of dx) changes from run to run. Here instead:
@@ -52,8 +54,16 @@ def token_rows(row_token: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, 
     return order, bounds
 
 
-def sum_rows_by_token(rows: torch.Tensor, row_token: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """[T, d]: out[t] = sum of rows[r] over r with row_token[r] == t, in a fixed order."""
+def sum_rows_by_token(
+    rows: torch.Tensor,
+    row_token: torch.Tensor,
+    num_tokens: int,
+    grouping: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """[T, d]: out[t] = sum of rows[r] over r with row_token[r] == t, in a fixed order.
+
+    grouping: token_rows(row_token, num_tokens) where the caller already has it (moe_ffn sums
+    twice with the same rows: its output in the forward, dx in the backward)."""
     r, d = rows.shape
     out = rows.new_empty(num_tokens, d)
     if num_tokens == 0 or d == 0:
@@ -61,7 +71,7 @@ def sum_rows_by_token(rows: torch.Tensor, row_token: torch.Tensor, num_tokens: i
     if r == 0:
         return out.zero_()
     require_runnable(rows.device, rows.dtype)
-    order, bounds = token_rows(row_token, num_tokens)
+    order, bounds = grouping if grouping is not None else token_rows(row_token, num_tokens)
     block_d = 32 if interpreting() else min(1024, triton.next_power_of_2(d))
     grid = (num_tokens, triton.cdiv(d, block_d))
     sum_rows_kernel[grid](

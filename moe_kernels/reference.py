@@ -50,3 +50,23 @@ def expert_ffn_reference(
     h = activation_reference(grouped_mm_reference(x_rows, w_in, offs), activation)  # [R, f]
     y_rows = grouped_mm_reference(h, w_out, offs)  # [R, d], dropped rows zero
     return x.new_zeros(num_slots, x.shape[1]).index_copy(0, row_slot, y_rows)  # scatter
+
+
+def moe_ffn_reference(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    offs: torch.Tensor,
+    row_token: torch.Tensor,
+    row_weight: torch.Tensor,
+    activation: str = "swiglu",
+) -> torch.Tensor:
+    """Twin of moe_kernels.moe_ffn: gather, per-expert loop, activation, weight, sum per token.
+
+    out[t] = sum over rows r < offs[-1] with row_token[r] == t of
+             row_weight[r] * act(x[t] @ w_in[e(r)]) @ w_out[e(r)]
+    """
+    x_rows = x[row_token]  # [R, d] gather
+    h = activation_reference(grouped_mm_reference(x_rows, w_in, offs), activation)  # [R, f]
+    y_rows = grouped_mm_reference(h * row_weight.to(h.dtype)[:, None], w_out, offs)  # [R, d], dropped rows zero
+    return x.new_zeros(x.shape).index_add(0, row_token, y_rows)  # sum over each token's rows

@@ -12,8 +12,14 @@ A configuration is chosen per launch by (kernel kind, dtype class, shape class):
     dtype class  "16bit" (fp16, bf16) or "fp32"
     shape class  "decode" (<= 32 rows per group), "small" (<= 256), "large"
 
+Every configuration has the FIELDS; some kinds accept OPTIONAL_FIELDS, off when absent:
+    "SPLIT" (dw, int >= 1, default 1)       split each group's rows over SPLIT programs (gemm_dw.py)
+    "TMA"   (rows, swiglu_up, bool, false)  load B through a tensor descriptor (gemm_rows.py, ffn_kernels.py)
+They are opt-in: an entry carries them only when a tuning run measured them faster.
+
 The JSON holds one section per GPU family (matched as a substring of the device
-name's slug, e.g. "h100" in "nvidia-h100-80gb-hbm3") and a "default" section;
+name's slug, e.g. "h100" in "nvidia-h100-80gb-hbm3"; SECTION_ALIASES lends a
+family's section to another with the same compute die) and a "default" section;
 `bench/grouped_gemm.py --tune` rewrites a family's section from measurements.
 Under TRITON_INTERPRET=1 one small configuration (INTERPRET_CONFIG) is used for all.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -30,6 +37,12 @@ import torch
 TABLE_PATH = Path(__file__).with_name("gemm_configs.json")
 KINDS = ("rows", "swiglu_up", "dw")
 FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+# optional field -> (the kinds that read it, its value when absent)
+OPTIONAL_FIELDS = {"SPLIT": (("dw",), 1), "TMA": (("rows", "swiglu_up"), False)}
+# a GPU without a section of its own uses the section of the same compute die: the H200 is
+# the H100's GH100 (same SMs, shared memory and registers per SM; more and faster HBM), so
+# tiles that fit and win on one fit on the other. A tuned "h200" section, once written, wins.
+SECTION_ALIASES = {"h200": "h100"}
 # the interpreter's cost is per program and per block op, not per element: 32 keeps
 # the test suite fast while the test shapes (37, 100, 600) still span partial tiles
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 1, "num_stages": 1}
@@ -70,8 +83,10 @@ def dump_table(table: dict) -> str:
         if section.startswith("_"):  # metadata: notes, provenance of tuned sections
             blocks.append(f"  {json.dumps(section)}: {json.dumps(entries)}")
             continue
+        order = FIELDS + tuple(OPTIONAL_FIELDS)  # optional fields kept when present
         lines = [
-            f"    {json.dumps(key)}: {json.dumps({f: cfg[f] for f in FIELDS})}" for key, cfg in sorted(entries.items())
+            f"    {json.dumps(key)}: {json.dumps({f: cfg[f] for f in order if f in cfg})}"
+            for key, cfg in sorted(entries.items())
         ]
         blocks.append(f"  {json.dumps(section)}: {{\n" + ",\n".join(lines) + "\n  }")
     return "{\n" + ",\n".join(blocks) + "\n}\n"
@@ -85,20 +100,46 @@ def load_table(path: Path = TABLE_PATH) -> dict:
         if section.startswith("_"):
             continue
         for key, cfg in entries.items():
-            if sorted(cfg) != sorted(FIELDS):
-                raise ValueError(f"{path}: config {section}/{key} must have exactly the fields {FIELDS}")
+            problem = config_problem(key, cfg)
+            if problem:
+                raise ValueError(f"{path}: config {section}/{key}: {problem}")
     return table
+
+
+def config_problem(key: str, cfg: dict) -> str:
+    """What is wrong with the configuration `cfg` for table key `key` ('' if nothing)."""
+    kind = key.split("/")[0]
+    missing = [f for f in FIELDS if f not in cfg]
+    extra = [f for f in cfg if f not in FIELDS and kind not in OPTIONAL_FIELDS.get(f, ((),))[0]]
+    if missing or extra:
+        allowed = [f for f, (kinds, _) in OPTIONAL_FIELDS.items() if kind in kinds]
+        return f"needs the fields {FIELDS}, may have {allowed}; missing {missing}, not allowed {extra}"
+    if "SPLIT" in cfg and (type(cfg["SPLIT"]) is not int or cfg["SPLIT"] < 1):
+        return f"SPLIT must be an integer >= 1, got {cfg['SPLIT']!r}"
+    if "TMA" in cfg and type(cfg["TMA"]) is not bool:
+        return f"TMA must be true or false, got {cfg['TMA']!r}"
+    return ""
+
+
+def section_for(device_name: str, sections: Iterable[str]) -> str:
+    """The table section a device uses: the longest section name found in the device name's slug,
+    else an alias's target (SECTION_ALIASES) present in `sections`, else "default"."""
+    slug = device_slug(device_name)
+    names = [s for s in sections if not s.startswith("_") and s != "default"]
+    matches = [s for s in names if s in slug]
+    if matches:
+        return max(matches, key=len)
+    aliased = [target for alias, target in SECTION_ALIASES.items() if alias in slug and target in names]
+    return aliased[0] if aliased else "default"
 
 
 @functools.cache
 def _section_for(device_name: str) -> str:
-    slug = device_slug(device_name)
-    matches = [s for s in load_table() if not s.startswith("_") and s != "default" and s in slug]
-    return max(matches, key=len) if matches else "default"
+    return section_for(device_name, load_table())
 
 
 def get_config(kind: str, dtype: torch.dtype, m: int, g: int, device: torch.device, interpret: bool) -> dict:
-    """The tile configuration for one launch (a dict with the FIELDS)."""
+    """The tile configuration for one launch (a dict with the FIELDS, and maybe OPTIONAL_FIELDS)."""
     if interpret:
         return INTERPRET_CONFIG
     key = config_key(kind, dtype, m, g)

@@ -62,3 +62,23 @@ def test_no_tokens():
     assert plan.offs.tolist() == [0, 0, 0, 0]
     out = combine(unpermute(permute(torch.zeros(0, 3), plan), plan), torch.zeros(0, 2), plan)
     assert out.shape == (0, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_combine_gradients_match_plain_autograd_and_keep_no_fp32_copy(dtype):
+    T, K, D = 5, 3, 4
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(K * T, D, generator=gen).to(dtype).requires_grad_()
+    w = torch.rand(T, K, generator=gen).requires_grad_()
+    grad = torch.randn(T, D, generator=gen).to(dtype)
+    plan = plan_dispatch(torch.zeros(T, K, dtype=torch.long), torch.tensor([T * K]))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = combine(y, w, plan)
+    got = torch.autograd.grad(out, (y, w), grad)
+    plain = (y.view(K, T, D).float() * w.t().unsqueeze(-1)).sum(0).to(dtype)  # the formula, autograd'd
+    want = torch.autograd.grad(plain, (y, w), grad)
+    assert torch.equal(out, plain)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    assert {t.dtype for t in saved} <= {dtype, torch.float32} and all(t.numel() < y.numel() or t is y for t in saved)

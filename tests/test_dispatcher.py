@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moe import MoE, MoEConfig
-from moe.dispatch import DispatchPlan, permute, unpermute
+from moe.dispatch import DispatchPlan, combine, permute, unpermute
 from moe.dispatcher import Dispatched, Dispatcher, LocalDispatcher
 
 
@@ -48,9 +48,9 @@ def test_the_local_dispatcher_takes_the_fused_path_when_the_backend_has_one(monk
     expected = layer(x)
     seen = []
 
-    def fused(x_TD, plan):  # what the Triton backend's one-kernel path returns: [A, D] in slot order
+    def fused(x_TD, plan, weight_TK):  # what the Triton backend's fused path returns: the routed output [T, D]
         seen.append(plan.row_slot.numel())
-        return unpermute(layer.experts(permute(x_TD, plan), plan.offs), plan)
+        return combine(unpermute(layer.experts(permute(x_TD, plan), plan.offs), plan), weight_TK, plan)
 
     monkeypatch.setattr(layer.experts, "fused", fused)
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)

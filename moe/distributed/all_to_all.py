@@ -127,6 +127,6 @@ class AllToAllDispatcher(Dispatcher):
         dropped = back_RD.new_zeros(sent.num_rows - back_RD.shape[0], back_RD.shape[1])
         return unpermute(torch.cat([back_RD, dropped]), plan)
 
-    def __call__(self, x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
+    def expert_outputs(self, x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
         sent = self.dispatch(x_TD, plan)
         return self.collect(experts(sent.rows, sent.offs, weight_grad_scale=1.0 / self.ep_size), sent, plan)

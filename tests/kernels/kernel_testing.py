@@ -33,3 +33,33 @@ def offsets(sizes: list[int]) -> torch.Tensor:
 def double_leaf(t: torch.Tensor) -> torch.Tensor:
     """A float64 copy that is a fresh autograd leaf."""
     return t.detach().double().requires_grad_(True)
+
+
+def routing(t, k, e, n_dropped, seed, empty_expert=None):
+    """MoE-layer style index maps: (offs, row_token, row_slot).
+
+    Each token picks k distinct experts (never `empty_expert`); assignment
+    (token, j) owns output slot token * k + j. n_dropped assignments are dropped:
+    their rows go last, past offs[-1]. Kept rows are sorted by expert.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(t, e, generator=gen)
+    if empty_expert is not None:
+        scores[:, empty_expert] = -1.0
+    expert = scores.topk(k, dim=1).indices.reshape(-1)  # [T * K], slot order
+    dropped = torch.zeros(t * k, dtype=torch.bool)
+    dropped[torch.randperm(t * k, generator=gen)[:n_dropped]] = True
+    key = torch.where(dropped, e, expert)  # dropped rows sort last
+    row_slot = torch.argsort(key, stable=True)
+    counts = torch.bincount(expert[~dropped], minlength=e)
+    offs = counts.cumsum(0).to(torch.int32)
+    return offs.to(DEVICE), (row_slot // k).to(DEVICE), row_slot.to(DEVICE)
+
+
+def weights(t, d, f, e, activation, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n_in = 2 * f if activation == "swiglu" else f
+    x = torch.randn(t, d, generator=gen)
+    w_in = torch.randn(e, d, n_in, generator=gen) / d**0.5
+    w_out = torch.randn(e, f, d, generator=gen) / f**0.5
+    return [w.to(DEVICE, dtype).requires_grad_(True) for w in (x, w_in, w_out)]

@@ -60,13 +60,14 @@ def _dw(dt, gather_a=False, gather_dy=False):
     return pointers, ints
 
 
-def _up(n_in):
+def _up(n_in, weighted=False):
     pointers = {
         "x_ptr": "*bf16",
         "row_token_ptr": "*i64",
         "w_ptr": "*bf16",
         "h_ptr": "*bf16",
         "z_ptr": "*bf16",
+        "row_weight_ptr": "*fp32" if weighted else None,
         "offs_ptr": "*i32",
     }
     ints = dict(
@@ -88,14 +89,16 @@ def _up(n_in):
     return pointers, ints
 
 
-def _act_backward(n_in):
+def _act_backward(n_in, weighted=False):
     pointers = {
         "dy_ptr": "*bf16",
-        "row_slot_ptr": "*i64",
+        "dy_rows_ptr": "*i64",
         "w_ptr": "*bf16",
         "z_ptr": "*bf16",
         "dz_ptr": "*bf16",
         "h_ptr": "*bf16",
+        "row_weight_ptr": "*fp32" if weighted else None,
+        "ds_ptr": "*fp32" if weighted else None,
         "offs_ptr": "*i32",
     }
     ints = dict(
@@ -169,10 +172,22 @@ def variants():
             {**gemm, "ACTIVATION": "swiglu", "STORE_Z": False},
             "swiglu_up/16bit/decode",
         ),
+        "moe_ffn up swiglu, weighted": (
+            ffn_up_kernel,
+            *_up(2 * F, weighted=True),
+            {**gemm, "ACTIVATION": "swiglu", "STORE_Z": True},
+            "swiglu_up/16bit/large",
+        ),
         "ffn up gelu": (ffn_up_kernel, *_up(F), {**gemm, "ACTIVATION": "gelu", "STORE_Z": True}, "rows/16bit/large"),
         "ffn dh + swiglu backward": (
             ffn_act_backward_kernel,
             *_act_backward(2 * F),
+            {**gemm, "ACTIVATION": "swiglu"},
+            "rows/16bit/large",
+        ),
+        "moe_ffn dh + swiglu backward + ds": (
+            ffn_act_backward_kernel,
+            *_act_backward(2 * F, weighted=True),
             {**gemm, "ACTIVATION": "swiglu"},
             "rows/16bit/large",
         ),
@@ -245,6 +260,12 @@ def test_every_kernel_builds_for_sm90():
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+    # the hot kernels (16-bit tiles of 64+ rows per group) must lower to Hopper's warpgroup MMA,
+    # not to the Ampere mma.sync that sm_90 also runs at a fraction of the rate
+    lines = [line for line in done.stdout.splitlines() if "16bit/large" in line or "16bit/small" in line]
+    assert len(lines) >= 10, done.stdout
+    for line in lines:
+        assert line.rstrip().endswith("wgmma"), line
 
 
 if __name__ == "__main__":

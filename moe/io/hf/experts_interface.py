@@ -24,12 +24,13 @@ activation) is refused with its name instead of being computed wrongly.
 The routing goes through the same plan as our layer (`plan_dispatch`, dropless), then one of
 two paths, recorded on the module as `module.moe_kernels_path` after every call:
 
-    "triton"  moe_kernels.expert_ffn: gather fused into the first grouped GEMM, scatter into the
-              second (CUDA, or CPU tensors through the Triton interpreter, fp16 / fp32)
+    "triton"  moe_kernels.moe_ffn: gather fused into the first grouped GEMM, the routing weights
+              into its epilogue, each token's K rows summed in fp32 after the second (CUDA, or CPU
+              tensors through the Triton interpreter, fp16 / fp32)
     "torch"   permute, torch.nn.functional.grouped_mm twice, unpermute (moe.experts'
-              "torch" backend), where Triton cannot run; a RuntimeWarning says why, once per reason
+              "torch" backend), then the K outputs of each token summed with the routing weights
+              in fp32 (`combine`), where Triton cannot run; a RuntimeWarning says why, once per reason
 
-Either way the K outputs of each token are summed with the routing weights in fp32 (`combine`).
 Expert-parallel sentinels (ids >= E, which transformers' EP sends with zero weight) sort past
 every expert and come out as zeros.
 """
@@ -43,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...dispatch import DispatchPlan, combine, count_ids, permute, plan_dispatch, unpermute
+from ...dispatch import DispatchPlan, combine, count_ids, permute, plan_dispatch, row_weights, unpermute
 from ...errors import InputError
 from ...experts import activate, torch_grouped_mm
 from ...extras import MissingExtra, require
@@ -87,17 +88,17 @@ def experts_forward(module: Any, hidden_states_TD: Tensor, top_k_index_TK: Tenso
     if path == "triton":
         import moe_kernels
 
-        y_AD = moe_kernels.expert_ffn(
-            x_TD, w_in_EDN, w_out_EFD, plan.offs, plan.row_token, plan.row_slot, plan.row_slot.numel(), "swiglu"
-        )
+        row_weight_R = row_weights(top_k_weights_TK, plan)
+        out_TD = moe_kernels.moe_ffn(x_TD, w_in_EDN, w_out_EFD, plan.offs, plan.row_token, row_weight_R, "swiglu")
     else:
         warnings.warn(
             f"experts_implementation={NAME!r}: Triton cannot run ({reason}); using torch", RuntimeWarning, stacklevel=2
         )
         h_RF = activate(torch_grouped_mm(permute(x_TD, plan), w_in_EDN, plan.offs), "swiglu")
         y_AD = unpermute(torch_grouped_mm(h_RF, w_out_EFD, plan.offs), plan)
+        out_TD = combine(y_AD, top_k_weights_TK, plan)
     module.moe_kernels_path = path
-    return combine(y_AD, top_k_weights_TK, plan).to(hidden_states_TD.dtype)
+    return out_TD.to(hidden_states_TD.dtype)
 
 
 def _plan(top_k_index_TK: Tensor, num_experts: int) -> DispatchPlan:
@@ -109,10 +110,10 @@ def _plan(top_k_index_TK: Tensor, num_experts: int) -> DispatchPlan:
 
 
 def kernel_path(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
-    """("triton", how it runs) where moe_kernels.expert_ffn runs on (device, dtype), else
+    """("triton", how it runs) where moe_kernels.moe_ffn runs on (device, dtype), else
     ("torch", why not): no triton, CPU tensors without TRITON_INTERPRET=1, bf16 in the interpreter."""
     reason = _triton_unavailable(torch.device(device), dtype)
-    return ("torch", reason) if reason else ("triton", "moe_kernels.expert_ffn")
+    return ("torch", reason) if reason else ("triton", "moe_kernels.moe_ffn")
 
 
 @torch.compiler.assume_constant_result

@@ -162,7 +162,7 @@ def test_the_interpreter_runs_the_kernels_on_cpu_when_asked():
     pytest.importorskip("triton")
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU kernels need TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA)")
-    assert experts_interface.kernel_path(torch.device("cpu"), torch.float32) == ("triton", "moe_kernels.expert_ffn")
+    assert experts_interface.kernel_path(torch.device("cpu"), torch.float32) == ("triton", "moe_kernels.moe_ffn")
     path, reason = experts_interface.kernel_path(torch.device("cpu"), torch.bfloat16)
     assert path == "torch" and "bfloat16" in reason
 
