@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+import moe_kernels
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter cannot multiply bf16 blocks, so bf16 is tested on CUDA only
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -63,3 +65,18 @@ def weights(t, d, f, e, activation, dtype, seed):
     w_in = torch.randn(e, d, n_in, generator=gen) / d**0.5
     w_out = torch.randn(e, f, d, generator=gen) / f**0.5
     return [w.to(DEVICE, dtype).requires_grad_(True) for w in (x, w_in, w_out)]
+
+
+def check_moe_ffn(x, w_in, w_out, offs, row_token, s, activation, dtype, seed):
+    """moe_ffn's output and its four gradients against moe_ffn_reference in float64."""
+    out = moe_kernels.moe_ffn(x, w_in, w_out, offs, row_token, s, activation)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    grads = torch.autograd.grad(out, (x, w_in, w_out, s), dout)
+
+    leaves = [double_leaf(w) for w in (x, w_in, w_out, s)]
+    ref = moe_kernels.moe_ffn_reference(*leaves[:3], offs, row_token, leaves[3], activation)
+    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+    assert_close(out, ref, dtype, "out")
+    for name, grad, ref_grad in zip(("dx", "dw_in", "dw_out", "d_row_weight"), grads, ref_grads):
+        assert_close(grad, ref_grad, dtype, name)
+    return out, grads

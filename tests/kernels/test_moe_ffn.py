@@ -7,7 +7,7 @@ Shapes: T = tokens, d = model dim, f = expert hidden dim, E = experts, K = top-k
 
 import pytest
 import torch
-from kernel_testing import DEVICE, DTYPES, assert_close, double_leaf, routing, weights
+from kernel_testing import DEVICE, DTYPES, assert_close, check_moe_ffn, routing, weights
 
 import moe_kernels
 
@@ -17,20 +17,6 @@ def row_weight(r, dtype, seed):
     return torch.rand(r, generator=gen).to(DEVICE, dtype).requires_grad_(True)
 
 
-def check_against_reference(x, w_in, w_out, offs, row_token, s, activation, dtype, seed):
-    out = moe_kernels.moe_ffn(x, w_in, w_out, offs, row_token, s, activation)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
-    grads = torch.autograd.grad(out, (x, w_in, w_out, s), dout)
-
-    leaves = [double_leaf(w) for w in (x, w_in, w_out, s)]
-    ref = moe_kernels.moe_ffn_reference(*leaves[:3], offs, row_token, leaves[3], activation)
-    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
-    assert_close(out, ref, dtype, "out")
-    for name, grad, ref_grad in zip(("dx", "dw_in", "dw_out", "d_row_weight"), grads, ref_grads):
-        assert_close(grad, ref_grad, dtype, name)
-    return out, grads
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_matches_reference_with_drops_and_empty_expert(activation, dtype):
@@ -38,7 +24,7 @@ def test_matches_reference_with_drops_and_empty_expert(activation, dtype):
     offs, row_token, row_slot = routing(t, k, e, n_dropped=3, seed=0, empty_expert=1)
     x, w_in, w_out = weights(t, d, f, e, activation, dtype, seed=1)
     s = row_weight(t * k, torch.float32, seed=2)  # the layer passes the router's fp32 weights
-    _, (_, dw_in, dw_out, ds) = check_against_reference(x, w_in, w_out, offs, row_token, s, activation, dtype, seed=3)
+    _, (_, dw_in, dw_out, ds) = check_moe_ffn(x, w_in, w_out, offs, row_token, s, activation, dtype, seed=3)
     assert ds.dtype == torch.float32
     assert torch.equal(ds[offs[-1] :], torch.zeros(3, device=DEVICE))  # dropped rows: no gradient
     assert torch.equal(dw_in[1], torch.zeros_like(dw_in[1]))  # the empty expert
@@ -71,7 +57,7 @@ def test_a_token_with_every_row_dropped_gets_zeros():
     row_token = torch.cat([row_token[order[:-2]][regroup], row_token[mine]])
     offs = torch.bincount(expert_of_kept, minlength=e).cumsum(0).to(torch.int32)
     s = row_weight(t * k, torch.float32, seed=9)
-    out, _ = check_against_reference(x, w_in, w_out, offs, row_token, s, "gelu", torch.float32, seed=10)
+    out, _ = check_moe_ffn(x, w_in, w_out, offs, row_token, s, "gelu", torch.float32, seed=10)
     assert torch.equal(out[0], torch.zeros(d, device=DEVICE))
 
 
@@ -81,7 +67,7 @@ def test_dims_not_multiple_of_block():
     offs, row_token, _ = routing(t, k, e, n_dropped=0, seed=11)
     x, w_in, w_out = weights(t, d, f, e, "swiglu", torch.float32, seed=12)
     s = row_weight(t * k, torch.float32, seed=13)
-    check_against_reference(x, w_in, w_out, offs, row_token, s, "swiglu", torch.float32, seed=14)
+    check_moe_ffn(x, w_in, w_out, offs, row_token, s, "swiglu", torch.float32, seed=14)
 
 
 def test_no_rows():

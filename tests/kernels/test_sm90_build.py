@@ -207,17 +207,14 @@ def variants():
     }
 
 
-def build(name: str) -> str:
-    """Compile one variant for sm_90 as a launch would specialise it; '' or a summary line."""
+def compile_sm90(kernel, pointers: dict, ints: dict, constexprs: dict, cfg: dict):
+    """Compile `kernel` for sm_90 as a launch would specialise it: pointers typed (None: absent,
+    a constexpr) and marked 16-byte divisible, integers equal to 1 constant, multiples of 16
+    marked divisible, the tile sizes of `cfg` as constexprs. Returns the compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from moe_kernels.tuning import load_table
-
-    kernel, pointers, ints, constexprs, key = variants()[name]
-    table = load_table()
-    cfg = (table["h100"].get(key) or table["default"][key]) if key else {"num_warps": 4, "num_stages": 2}
     consts = {
         **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M") if k in kernel.arg_names},
         **constexprs,
@@ -226,7 +223,8 @@ def build(name: str) -> str:
     for i, arg in enumerate(kernel.arg_names):
         if arg in pointers and pointers[arg] is not None:
             signature[arg] = pointers[arg]
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if pointers[arg].startswith("*"):  # a tensor descriptor has no divisibility
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg in pointers:
             consts[arg] = None
         elif arg in ints and ints[arg] == 1:
@@ -237,11 +235,18 @@ def build(name: str) -> str:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         signature.setdefault(arg, "constexpr")
     source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-    compiled = triton.compile(
-        source,
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
-    )
+    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def build(name: str) -> str:
+    """Compile one variant for sm_90 as a launch would specialise it; '' or a summary line."""
+    from moe_kernels.tuning import load_table
+
+    kernel, pointers, ints, constexprs, key = variants()[name]
+    table = load_table()
+    cfg = (table["h100"].get(key) or table["default"][key]) if key else {"num_warps": 4, "num_stages": 2}
+    compiled = compile_sm90(kernel, pointers, ints, constexprs, cfg)
     ptx = compiled.asm["ptx"]
     mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "no mma"
     return f"{name:34s} {key or '-':24s} shared {compiled.metadata.shared:6d} B  {mma}"

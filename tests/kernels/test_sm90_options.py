@@ -148,34 +148,13 @@ def variants():
 
 def build(name: str) -> tuple[str, list[str]]:
     """Compile one variant for sm_90; (summary line, missing required instructions)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from test_sm90_build import compile_sm90
 
     from moe_kernels.tuning import load_table
 
     kernel, pointers, ints, constexprs, key, required = variants()[name]
     cfg = load_table()["h100"][key] if key else {"num_warps": 4, "num_stages": 2}
-    consts = {**{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M") if k in kernel.arg_names}}
-    consts.update(constexprs)
-    signature, attrs = {}, {}
-    for i, arg in enumerate(kernel.arg_names):
-        if arg in pointers and pointers[arg] is not None:
-            signature[arg] = pointers[arg]
-            if pointers[arg].startswith("*"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif arg in pointers:
-            consts[arg] = None
-        elif arg in ints and ints[arg] == 1:
-            consts[arg] = 1
-        elif arg in ints:
-            signature[arg] = "i32"
-            if ints[arg] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        signature.setdefault(arg, "constexpr")
-    source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    compiled = compile_sm90(kernel, pointers, ints, constexprs, cfg)
     ptx = compiled.asm["ptx"]
     found = sorted(set(re.findall(r"\b(wgmma\.mma_async|mma\.sync|cp\.async\.bulk\.tensor\.\w+)", ptx)))
     missing = [ins for ins in required if ins not in ptx]
