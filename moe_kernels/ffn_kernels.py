@@ -40,7 +40,7 @@ import triton.language as tl
 from .activations import gelu, gelu_backward, swiglu, swiglu_backward
 from .gemm_rows import b_descriptor, dot_precision, mma_loop, mma_loop_tma, row_index
 from .runtime import interpreting, require_runnable
-from .schedule import group_block, max_row_tiles, row_tile, swizzle
+from .schedule import group_block, max_row_tiles, row_tile
 from .tuning import get_config
 
 
@@ -153,7 +153,9 @@ def ffn_up_kernel(
     PRECISION: tl.constexpr,
     w_desc=None,  # a TensorDescriptor of w_in [E, d, n_in] (TMA loads; w_ptr unused); None: pointer loads
 ):
-    g, rows, row_mask, cols, col_mask = row_tile(offs_ptr, E, R, F, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M)
+    g, rows, row_mask, cols, col_mask, tile_n = row_tile(
+        offs_ptr, E, R, F, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M
+    )
     if g > E:
         return
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # gate (swiglu) or z (gelu)
@@ -162,7 +164,7 @@ def ffn_up_kernel(
         x_rows = row_index(row_token_ptr, rows, row_mask)
         a_ptrs = x_ptr + x_rows[:, None] * stride_xm
         w_cols = w_ptr + g.to(tl.int64) * stride_wg + cols[None, :] * stride_wn
-        n0 = swizzle(tl.program_id(0), n_row_tiles, tl.cdiv(F, BLOCK_N), GROUP_M)[1] * BLOCK_N  # = cols[0]
+        n0 = tile_n * BLOCK_N  # = cols[0]
         if w_desc is not None and ACTIVATION == "swiglu":
             acc, acc_up = mma_loop_pair_tma(
                 acc, acc_up, a_ptrs, row_mask, stride_xk, w_desc, g, n0, F + n0, D, BLOCK_K, BLOCK_N, EVEN_K, PRECISION
@@ -240,7 +242,9 @@ def ffn_act_backward_kernel(
     PRECISION: tl.constexpr,
     w_desc=None,  # a TensorDescriptor of w_out [E, f, d] (TMA loads, tiles transposed); None: pointer loads
 ):
-    g, rows, row_mask, cols, col_mask = row_tile(offs_ptr, E, R, F, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M)
+    g, rows, row_mask, cols, col_mask, tile_n = row_tile(
+        offs_ptr, E, R, F, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M
+    )
     if g > E:
         return
     dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -248,7 +252,7 @@ def ffn_act_backward_kernel(
         dy_rows = row_index(dy_rows_ptr, rows, row_mask)
         a_ptrs = dy_ptr + dy_rows[:, None] * stride_dym
         if w_desc is not None:
-            n0 = swizzle(tl.program_id(0), n_row_tiles, tl.cdiv(F, BLOCK_N), GROUP_M)[1] * BLOCK_N  # = cols[0]
+            n0 = tile_n * BLOCK_N  # = cols[0]
             dh = mma_loop_tma(
                 dh, a_ptrs, row_mask, stride_dyk, w_desc, g, n0, D, BLOCK_K, BLOCK_N, EVEN_K, PRECISION, True
             )
@@ -273,7 +277,6 @@ def ffn_act_backward_kernel(
         dz, h = gelu_backward(z, dh * weight[:, None])
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
     if ds_ptr is not None:  # this column tile's share of ds[r] = <dh[r], act(z[r])>, unweighted
-        tile_n = swizzle(tl.program_id(0), n_row_tiles, tl.cdiv(F, BLOCK_N), GROUP_M)[1]
         tl.store(ds_ptr + tile_n.to(tl.int64) * R + rows64, tl.sum(dh * h, axis=1), mask=row_mask)
     h *= weight[:, None]  # dW_out needs the weighted h the down projection read
     tl.store(h_ptr + rows64[:, None] * stride_hm + cols[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)

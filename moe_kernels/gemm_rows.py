@@ -40,7 +40,7 @@ except ImportError:  # older triton: the TMA option falls back to pointer loads
     TensorDescriptor = None
 
 from .runtime import interpreting, require_runnable
-from .schedule import group_block, max_row_tiles, row_tile, swizzle
+from .schedule import group_block, max_row_tiles, row_tile
 from .tuning import get_config
 
 
@@ -165,14 +165,16 @@ def grouped_rows_kernel(
     b_desc=None,  # a TensorDescriptor of B: TMA loads of B (b_ptr and B's strides unused); None: pointer loads
     B_TRANSPOSED: tl.constexpr = False,  # b_desc describes W [G, N, K], B = W^T (see b_descriptor)
 ):
-    g, rows, row_mask, cols, col_mask = row_tile(offs_ptr, G, M, N, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M)
+    g, rows, row_mask, cols, col_mask, tile_n = row_tile(
+        offs_ptr, G, M, N, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M
+    )
     if g > G:  # past the last tile of the grid's upper bound
         return
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if g < G:  # the tail (g == G) keeps acc = 0
         a_rows_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am
         if b_desc is not None:  # resolved at compile time, like row_index's None
-            n0 = swizzle(tl.program_id(0), n_row_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)[1] * BLOCK_N  # = cols[0]
+            n0 = tile_n * BLOCK_N  # = cols[0]
             acc = mma_loop_tma(
                 acc,
                 a_rows_ptrs,

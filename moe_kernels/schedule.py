@@ -144,10 +144,12 @@ def row_tile(
 ):
     """The prologue every row-tiled grouped kernel shares: this program's tile of an [M, N] output.
 
-    Returns (g, rows, row_mask, cols, col_mask); g as in `group_of_tile` (g > G: exit at once).
+    Returns (g, rows, row_mask, cols, col_mask, tile_n); g as in `group_of_tile` (g > G: exit at
+    once); tile_n the column tile, cols = tile_n * BLOCK_N + arange (TMA loads and per-tile partial
+    sums address by it).
     """
     tile_m, tile_n = swizzle(tl.program_id(0), n_row_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
     g, row_start, row_end = group_of_tile(offs_ptr, G, M, tile_m, BLOCK_M, BLOCK_G)
     rows = row_start + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return g, rows, rows < row_end, cols, cols < N
+    return g, rows, rows < row_end, cols, cols < N, tile_n

@@ -37,8 +37,8 @@ import torch
 TABLE_PATH = Path(__file__).with_name("gemm_configs.json")
 KINDS = ("rows", "swiglu_up", "dw")
 FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-# optional field -> (the kinds that read it, its value when absent)
-OPTIONAL_FIELDS = {"SPLIT": (("dw",), 1), "TMA": (("rows", "swiglu_up"), False)}
+# optional field -> the kinds that read it (absent: SPLIT 1, TMA off, as the launchers read them)
+OPTIONAL_FIELDS = {"SPLIT": ("dw",), "TMA": ("rows", "swiglu_up")}
 # a GPU without a section of its own uses the section of the same compute die: the H200 is
 # the H100's GH100 (same SMs, shared memory and registers per SM; more and faster HBM), so
 # tiles that fit and win on one fit on the other. A tuned "h200" section, once written, wins.
@@ -110,9 +110,9 @@ def config_problem(key: str, cfg: dict) -> str:
     """What is wrong with the configuration `cfg` for table key `key` ('' if nothing)."""
     kind = key.split("/")[0]
     missing = [f for f in FIELDS if f not in cfg]
-    extra = [f for f in cfg if f not in FIELDS and kind not in OPTIONAL_FIELDS.get(f, ((),))[0]]
+    extra = [f for f in cfg if f not in FIELDS and kind not in OPTIONAL_FIELDS.get(f, ())]
     if missing or extra:
-        allowed = [f for f, (kinds, _) in OPTIONAL_FIELDS.items() if kind in kinds]
+        allowed = [f for f, kinds in OPTIONAL_FIELDS.items() if kind in kinds]
         return f"needs the fields {FIELDS}, may have {allowed}; missing {missing}, not allowed {extra}"
     if "SPLIT" in cfg and (type(cfg["SPLIT"]) is not int or cfg["SPLIT"] < 1):
         return f"SPLIT must be an integer >= 1, got {cfg['SPLIT']!r}"

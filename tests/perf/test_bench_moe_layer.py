@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import moe_layer  # noqa: E402
+import moe_layer_cases  # noqa: E402
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 TIMED = ("forward", "backward", "forward_backward")
@@ -92,28 +93,28 @@ def test_refuses_a_cpu_without_smoke(tmp_path):
 
 
 def test_shapes_come_from_the_full_configs():
-    shapes = {name: moe_layer.model_shape(name) for name in moe_layer.MODELS}
+    shapes = {name: moe_layer_cases.model_shape(name) for name in moe_layer_cases.MODELS}
     assert shapes["ling-1t"] == {"d": 8192, "f": 2048, "experts_total": 256, "top_k": 8}
     assert shapes["mixtral-8x7b"] == {"d": 4096, "f": 14336, "experts_total": 8, "top_k": 2}
     # fine-grained models whole on one GPU, the big ones as expert-parallel shares
-    assert moe_layer.local_experts(shapes["qwen3-30b-a3b"]) == (128,)
-    assert moe_layer.local_experts(shapes["ling-flash-2.0"]) == (256,)
-    assert moe_layer.local_experts(shapes["deepseek-v3"]) == (8, 32)
+    assert moe_layer_cases.local_experts(shapes["qwen3-30b-a3b"]) == (128,)
+    assert moe_layer_cases.local_experts(shapes["ling-flash-2.0"]) == (256,)
+    assert moe_layer_cases.local_experts(shapes["deepseek-v3"]) == (8, 32)
 
-    cases = moe_layer.grid(shapes, moe_layer.ROWS, quick=False)
+    cases = moe_layer_cases.grid(shapes, moe_layer_cases.ROWS, quick=False)
     assert [c.rows for c in cases] == sorted(c.rows for c in cases)  # every model's small cases first
-    assert {c.model for c in cases if c.rows == 4096} == set(moe_layer.MODELS)
+    assert {c.model for c in cases if c.rows == 4096} == set(moe_layer_cases.MODELS)
     # top-8 of 8 local experts: every token takes every expert, so there is no skewed variant
     assert {c.routing for c in cases if c.model == "ling-1t" and c.experts == 8} == {"balanced"}
-    quick = moe_layer.grid(shapes, moe_layer.QUICK_ROWS, quick=True)
+    quick = moe_layer_cases.grid(shapes, moe_layer_cases.QUICK_ROWS, quick=True)
     assert {(c.model, c.experts) for c in quick} >= {("ling-1t", 32), ("mixtral-8x7b", 8)}
-    assert sum(moe_layer.estimate_s(c) for c in cases) < 300  # leaves room in `gpu_session.sh full`
+    assert sum(moe_layer_cases.estimate_s(c) for c in cases) < 300  # leaves room in `gpu_session.sh full`
 
 
 @pytest.mark.parametrize("kind", ["balanced", "zipf"])
 def test_routing_picks_distinct_experts_with_the_intended_load(kind):
-    case = moe_layer.Case("t", 16, 8, experts=16, top_k=4, rows=4096, routing=kind)
-    idx, weight = moe_layer.routing(case, torch.device("cpu"))
+    case = moe_layer_cases.Case("t", 16, 8, experts=16, top_k=4, rows=4096, routing=kind)
+    idx, weight = moe_layer_cases.routing(case, torch.device("cpu"))
     assert idx.shape == weight.shape == (1024, 4)
     assert all(len(set(row)) == 4 for row in idx.tolist())  # K distinct experts per token
     torch.testing.assert_close(weight.sum(-1), torch.ones(1024))
@@ -136,7 +137,7 @@ def test_the_reference_is_the_weighted_sum_of_each_tokens_expert_ffns():
         return (torch.nn.functional.silu(h[:F]) * h[F:]) @ w_out[e]
 
     expected = torch.stack([sum(w[t, k] * ffn(idx[t, k], x[t]) for k in range(2)) for t in range(2)])
-    ref = moe_layer.reference(x, idx, w, w_in, w_out, g)
+    ref = moe_layer_cases.reference(x, idx, w, w_in, w_out, g)
     torch.testing.assert_close(ref["out"], expected)
     assert ref["dx"].shape == x.shape and ref["dw_in"].shape == w_in.shape and ref["d_routing_weight"].shape == w.shape
     assert ref["dw_in"][1].abs().sum() > 0  # expert 1 got a token
@@ -161,7 +162,7 @@ def test_sonicmoe_weights_compute_our_experts_in_its_own_convention():
             h = torch.nn.functional.linear(x[t], c_fc[idx[t, k]])
             a = torch.nn.functional.silu(h[..., ::2]) * h[..., 1::2]
             out[t] += w[t, k] * torch.nn.functional.linear(a, c_proj[idx[t, k]])
-    ref = moe_layer.reference(x, idx, w, w_in, w_out, g)
+    ref = moe_layer_cases.reference(x, idx, w, w_in, w_out, g)
     torch.testing.assert_close(out, ref["out"])
     dw_in, dw_out = peers.sonic_to_ours(torch.autograd.grad(out, (c_fc, c_proj), g))
     torch.testing.assert_close(dw_in, ref["dw_in"])
