@@ -3,8 +3,9 @@
 #
 #   COMMIT=$(git rev-parse HEAD) OUT=/tmp/out bash bench/gpu_session.sh check   # every kernel test and a training step, < 4 min
 #   COMMIT=... OUT=... bash bench/gpu_session.sh quick     # moe_layer --quick: every model at 16K rows, ~2-3 min
-#   COMMIT=... OUT=... bash bench/gpu_session.sh full      # moe_ffn's kernel tests, then moe_layer on every shape,
-#                                                          each case checked first, < 8 min (start here)
+#   COMMIT=... OUT=... bash bench/gpu_session.sh full      # moe_ffn's kernel tests, moe_layer on every shape (each
+#                                                          case checked first), then `moe calibrate` of every full
+#                                                          config: < 8 min (start here)
 #   COMMIT=... OUT=... bash bench/gpu_session.sh gemm      # grouped_gemm on every shape (~7 min)
 #   COMMIT=... OUT=... bash bench/gpu_session.sh calibrate # bench/run_all.py: mirrors and `moe calibrate` of every full config
 #   COMMIT=... OUT=... bash bench/gpu_session.sh infer     # decode against the bandwidth floor; ours vs transformers
@@ -76,15 +77,19 @@ check)
 quick)  # budget: the bench skips (and records) cases that would end past it
   step moe_layer "${LAYER_LIMIT:-230}" $py bench/moe_layer.py --quick --budget-s "${LAYER_BUDGET:-200}" --commit "$COMMIT" --results-dir "$dir/results"
   ;;
-full)  # the new kernels' tests on the GPU first (bf16 included), then every case, each checked before it is timed
-  step kernel_tests_moe_ffn 60 $py -m pytest -q -x -p no:cacheprovider tests/kernels/test_moe_ffn.py \
-    tests/kernels/test_ffn_tma.py tests/kernels/test_rows_tma.py tests/kernels/test_dw_split.py
-  step moe_layer "${LAYER_LIMIT:-380}" $py bench/moe_layer.py --budget-s "${LAYER_BUDGET:-330}" --commit "$COMMIT" --results-dir "$dir/results"
+full)  # the new kernels' tests on the GPU first (bf16 included), then every case, each checked before it is
+  # timed, then the projections; worst case 30 (wheels) + 50 + 270 + 130 s = 480 s. Each calibration
+  # saves its own JSON, so a cut-short step still leaves the configs it reached.
+  step kernel_tests_moe_ffn 50 $py -m pytest -q -x -p no:cacheprovider tests/kernels/test_moe_ffn.py \
+    tests/kernels/test_ffn_tma.py tests/kernels/test_rows_tma.py tests/kernels/test_dw_split.py \
+    tests/kernels/test_persistent.py
+  step moe_layer "${LAYER_LIMIT:-270}" $py bench/moe_layer.py --budget-s "${LAYER_BUDGET:-235}" --commit "$COMMIT" --results-dir "$dir/results"
+  step calibrate "${CALIBRATE_LIMIT:-130}" $py bench/run_all.py --only calibrate --results-dir "$dir/results"
   ;;
 gemm)
   step grouped_gemm "${GEMM_LIMIT:-420}" $py bench/grouped_gemm.py --commit "$COMMIT" --out "$dir/results"
   ;;
-calibrate)  # every calibration job of run_all: the mirrors, then `moe calibrate` of each configs/full/*.yaml
+calibrate)  # every job of run_all: the mirrors' train/infer/layers, `moe calibrate` of each configs/full/*.yaml, vs-hf
   step run_all "${RUN_ALL_LIMIT:-420}" $py bench/run_all.py --results-dir "$dir/results"
   ;;
 infer)  # prefill and decode at batch 1, 8, 64 against the bandwidth floor; then ours vs transformers' generate

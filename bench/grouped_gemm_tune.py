@@ -14,9 +14,9 @@ representative problems below; the fastest in total wins:
     dw         dB of both projections: [M, d]^T [M, 2f] and [M, f]^T [M, d] per expert,
                and the up projection's dB again with skewed routing (expert 0 holds half the rows)
 
-Then the opt-in options of the kind (OPTIONS: SPLIT 2 and 4 for dw, TMA for rows and swiglu_up;
-see moe_kernels/tuning.py) are tried on the TOP_TILES fastest tile configs; an
-option enters the table only if it wins (absent fields mean SPLIT 1, TMA off).
+Then the opt-in options of the kind (OPTIONS: SPLIT 2 and 4 for dw; TMA, PERSISTENT 1 and both
+for rows and swiglu_up; see moe_kernels/tuning.py) are tried on the TOP_TILES fastest tile configs;
+an option enters the table only if it wins (absent fields mean SPLIT 1, TMA and PERSISTENT off).
 
 The winners replace this GPU family's section of the table (fp32 classes keep the
 "default" entries); `_provenance` records device, versions, commit and date.
@@ -44,7 +44,8 @@ ROWS_PER_GROUP = {"decode": 16, "small": 128, "large": 4096}
 SMEM_LIMIT = 200 * 1024  # H100: 227 KB per block; keep room for the epilogue's layout conversions
 TOLERANCE = 1e-2
 # opt-in fields worth trying per kind (each on the fastest tile configs; default values are implied)
-OPTIONS = {"rows": [{"TMA": True}], "swiglu_up": [{"TMA": True}], "dw": [{"SPLIT": 2}, {"SPLIT": 4}]}
+ROW_OPTIONS = [{"TMA": True}, {"PERSISTENT": 1}, {"TMA": True, "PERSISTENT": 1}]
+OPTIONS = {"rows": ROW_OPTIONS, "swiglu_up": ROW_OPTIONS, "dw": [{"SPLIT": 2}, {"SPLIT": 4}]}
 TOP_TILES = 3
 
 

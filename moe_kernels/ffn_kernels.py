@@ -40,7 +40,7 @@ import triton.language as tl
 from .activations import gelu, gelu_backward, swiglu, swiglu_backward
 from .gemm_rows import b_descriptor, dot_precision, mma_loop, mma_loop_tma, row_index
 from .runtime import interpreting, require_runnable
-from .schedule import group_block, max_row_tiles, row_tile
+from .schedule import group_block, max_row_tiles, num_programs, row_tile, tail_tile, tile_loops
 from .tuning import get_config
 
 
@@ -132,7 +132,6 @@ def ffn_up_kernel(
     F,
     D,
     E,
-    n_row_tiles,
     stride_xm,
     stride_xk,
     stride_wg,
@@ -152,15 +151,17 @@ def ffn_up_kernel(
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
     w_desc=None,  # a TensorDescriptor of w_in [E, d, n_in] (TMA loads; w_ptr unused); None: pointer loads
+    PERSISTENT: tl.constexpr = False,  # programs loop over tiles (schedule.tile_loops): flatten the loop
 ):
-    g, rows, row_mask, cols, col_mask, tile_n = row_tile(
-        offs_ptr, E, R, F, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M
+    first, step, group_tiles, group_rows, tail_first, tail_end, tail_start = tile_loops(
+        offs_ptr, E, R, F, BLOCK_M, BLOCK_N, BLOCK_G
     )
-    if g > E:
-        return
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # gate (swiglu) or z (gelu)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # up (swiglu only)
-    if g < E:  # the tail (g == E) keeps zeros: act(0) = 0
+    for tile in tl.range(first, group_tiles, step, flatten=PERSISTENT):
+        g, rows, row_mask, cols, col_mask, tile_n = row_tile(
+            tile, offs_ptr, E, R, F, group_rows, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M
+        )
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # gate (swiglu) or z (gelu)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # up (swiglu only)
         x_rows = row_index(row_token_ptr, rows, row_mask)
         a_ptrs = x_ptr + x_rows[:, None] * stride_xm
         w_cols = w_ptr + g.to(tl.int64) * stride_wg + cols[None, :] * stride_wn
@@ -172,6 +173,7 @@ def ffn_up_kernel(
         elif w_desc is not None:
             acc = mma_loop_tma(acc, a_ptrs, row_mask, stride_xk, w_desc, g, n0, D, BLOCK_K, BLOCK_N, EVEN_K, PRECISION)
         elif ACTIVATION == "swiglu":
+            w_up = w_cols + F * stride_wn
             acc, acc_up = mma_loop_pair(
                 acc,
                 acc_up,
@@ -179,7 +181,7 @@ def ffn_up_kernel(
                 row_mask,
                 stride_xk,
                 w_cols,
-                w_cols + F * stride_wn,
+                w_up,
                 col_mask,
                 stride_wk,
                 D,
@@ -189,6 +191,39 @@ def ffn_up_kernel(
             )
         else:
             acc = mma_loop(acc, a_ptrs, row_mask, stride_xk, w_cols, col_mask, stride_wk, D, BLOCK_K, EVEN_K, PRECISION)
+        up_epilogue(
+            acc, acc_up, rows, row_mask, cols, col_mask, h_ptr, z_ptr, row_weight_ptr, F,
+            stride_hm, stride_hn, stride_zm, stride_zn, ACTIVATION, STORE_Z,
+        )  # fmt: skip
+    for tile in tl.range(tail_first, tail_end, step):  # rows of no group: zeros, act(0) = 0
+        rows, row_mask, cols, col_mask, _ = tail_tile(tile - group_tiles, tail_start, R, F, BLOCK_M, BLOCK_N)
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up_epilogue(
+            zeros, zeros, rows, row_mask, cols, col_mask, h_ptr, z_ptr, row_weight_ptr, F,
+            stride_hm, stride_hn, stride_zm, stride_zn, ACTIVATION, STORE_Z,
+        )  # fmt: skip
+
+
+@triton.jit
+def up_epilogue(
+    acc,
+    acc_up,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    h_ptr,
+    z_ptr,
+    row_weight_ptr,
+    F,
+    stride_hm,
+    stride_hn,
+    stride_zm,
+    stride_zn,
+    ACTIVATION: tl.constexpr,
+    STORE_Z: tl.constexpr,
+):
+    """h = s * act(z) of one tile, and z itself (STORE_Z), from the accumulators z = (acc, acc_up)."""
     if ACTIVATION == "swiglu":
         h = swiglu(acc, acc_up)
     else:
@@ -220,7 +255,6 @@ def ffn_act_backward_kernel(
     F,
     D,
     E,
-    n_row_tiles,
     stride_dym,
     stride_dyk,
     stride_wg,
@@ -241,14 +275,16 @@ def ffn_act_backward_kernel(
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
     w_desc=None,  # a TensorDescriptor of w_out [E, f, d] (TMA loads, tiles transposed); None: pointer loads
+    PERSISTENT: tl.constexpr = False,  # programs loop over tiles (schedule.tile_loops): flatten the loop
 ):
-    g, rows, row_mask, cols, col_mask, tile_n = row_tile(
-        offs_ptr, E, R, F, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M
+    first, step, group_tiles, group_rows, tail_first, tail_end, tail_start = tile_loops(
+        offs_ptr, E, R, F, BLOCK_M, BLOCK_N, BLOCK_G
     )
-    if g > E:
-        return
-    dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if g < E:  # the tail keeps dh = 0, hence dz = 0
+    for tile in tl.range(first, group_tiles, step, flatten=PERSISTENT):
+        g, rows, row_mask, cols, col_mask, tile_n = row_tile(
+            tile, offs_ptr, E, R, F, group_rows, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M
+        )
+        dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         dy_rows = row_index(dy_rows_ptr, rows, row_mask)
         a_ptrs = dy_ptr + dy_rows[:, None] * stride_dym
         if w_desc is not None:
@@ -259,6 +295,44 @@ def ffn_act_backward_kernel(
         else:
             w_cols = w_ptr + g.to(tl.int64) * stride_wg + cols[None, :] * stride_wn
             dh = mma_loop(dh, a_ptrs, row_mask, stride_dyk, w_cols, col_mask, stride_wk, D, BLOCK_K, EVEN_K, PRECISION)
+        act_backward_epilogue(
+            dh, rows, row_mask, cols, col_mask, tile_n, z_ptr, dz_ptr, h_ptr, row_weight_ptr, ds_ptr, R, F,
+            stride_zm, stride_zn, stride_dzm, stride_dzn, stride_hm, stride_hn, ACTIVATION, BLOCK_M,
+        )  # fmt: skip
+    for tile in tl.range(tail_first, tail_end, step):  # rows of no group: dh = 0, hence dz = 0
+        rows, row_mask, cols, col_mask, tile_n = tail_tile(tile - group_tiles, tail_start, R, F, BLOCK_M, BLOCK_N)
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        act_backward_epilogue(
+            zeros, rows, row_mask, cols, col_mask, tile_n, z_ptr, dz_ptr, h_ptr, row_weight_ptr, ds_ptr, R, F,
+            stride_zm, stride_zn, stride_dzm, stride_dzn, stride_hm, stride_hn, ACTIVATION, BLOCK_M,
+        )  # fmt: skip
+
+
+@triton.jit
+def act_backward_epilogue(
+    dh,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    tile_n,
+    z_ptr,
+    dz_ptr,
+    h_ptr,
+    row_weight_ptr,
+    ds_ptr,
+    R,
+    F,
+    stride_zm,
+    stride_zn,
+    stride_dzm,
+    stride_dzn,
+    stride_hm,
+    stride_hn,
+    ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """dz, h = s * act(z) and this column tile's share of ds of one tile, from dh and the saved z."""
     rows64 = rows.to(tl.int64)
     mask = row_mask[:, None] & col_mask[None, :]
     z_ptrs = z_ptr + rows64[:, None] * stride_zm + cols[None, :] * stride_zn
@@ -284,10 +358,11 @@ def ffn_act_backward_kernel(
 
 def _launch_args(
     kind: str, a: torch.Tensor, num_rows: int, f: int, e: int, k: int, config: dict | None = None
-) -> tuple[tuple, int, dict]:
+) -> tuple[tuple, dict, dict]:
+    """(grid, launch metadata, configuration) of a row-tiled FFN kernel over [num_rows, f]."""
     cfg = config or get_config(kind, a.dtype, num_rows, e, a.device, interpreting())
-    n_row_tiles = max_row_tiles(num_rows, e, cfg["BLOCK_M"])
-    grid = (n_row_tiles * triton.cdiv(f, cfg["BLOCK_N"]),)
+    tiles = max_row_tiles(num_rows, e, cfg["BLOCK_M"]) * triton.cdiv(f, cfg["BLOCK_N"])
+    grid = (num_programs(tiles, cfg, a.device),)
     meta = dict(
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
@@ -296,10 +371,11 @@ def _launch_args(
         GROUP_M=cfg["GROUP_M"],
         EVEN_K=k % cfg["BLOCK_K"] == 0,
         PRECISION=dot_precision(a.dtype),
+        PERSISTENT=bool(cfg.get("PERSISTENT")),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    return grid, n_row_tiles, meta, cfg
+    return grid, meta, cfg
 
 
 def launch_up(
@@ -324,7 +400,7 @@ def launch_up(
         return
     require_runnable(x.device, x.dtype)
     kind = "swiglu_up" if activation == "swiglu" else "rows"
-    grid, n_row_tiles, meta, cfg = _launch_args(kind, x, r, f, e, d, config)
+    grid, meta, cfg = _launch_args(kind, x, r, f, e, d, config)
     zs = z.stride() if z is not None else (0, 0)
     desc = b_descriptor(w_in, cfg)  # w_in is [E, d, n_in] as it lies: never the transposed case
     ffn_up_kernel[grid](
@@ -339,7 +415,6 @@ def launch_up(
         f,
         d,
         e,
-        n_row_tiles,
         x.stride(0),
         x.stride(1),
         w_in.stride(0),
@@ -377,7 +452,7 @@ def launch_act_backward(
         return
     require_runnable(dy.device, dy.dtype)
     w_t = w_out.transpose(1, 2)  # [E, d, f], a view: dh = dy_perm @ w_out^T
-    grid, n_row_tiles, meta, cfg = _launch_args("rows", dy, r, f, e, d)
+    grid, meta, cfg = _launch_args("rows", dy, r, f, e, d)
     desc = b_descriptor(w_t, cfg)  # w_t = w_out^T: the descriptor of w_out, tiles transposed in the kernel
     # one partial sum of ds per column tile, summed below in a fixed order
     ds_parts = (
@@ -397,7 +472,6 @@ def launch_act_backward(
         f,
         d,
         e,
-        n_row_tiles,
         dy.stride(0),
         dy.stride(1),
         w_t.stride(0),

@@ -3,8 +3,9 @@
 Shapes: M = rows (the permuted rows, sorted by group), K = in dim, N = out dim,
         G = groups, B [G, K, N] with any strides (so B^T is a free view).
 
-One program computes one BLOCK_M x BLOCK_N tile of C; `schedule.row_tile`
-tells it which group and rows it owns. Rows of no group (the tail past offs[-1])
+Each program computes BLOCK_M x BLOCK_N tiles of C (one, or with the PERSISTENT
+option several: `schedule.tile_loops`); `schedule.row_tile` tells it which group and
+rows a tile owns. Rows of no group (the tail past offs[-1])
 are written as zeros, so every element of C that belongs to a row is defined.
 
 An index map fuses a permutation into the stores instead of materialising it:
@@ -40,7 +41,7 @@ except ImportError:  # older triton: the TMA option falls back to pointer loads
     TensorDescriptor = None
 
 from .runtime import interpreting, require_runnable
-from .schedule import group_block, max_row_tiles, row_tile
+from .schedule import group_block, max_row_tiles, num_programs, row_tile, tail_tile, tile_loops
 from .tuning import get_config
 
 
@@ -147,7 +148,6 @@ def grouped_rows_kernel(
     N,
     K,
     G,
-    n_row_tiles,
     stride_am,
     stride_ak,
     stride_bg,
@@ -164,14 +164,16 @@ def grouped_rows_kernel(
     PRECISION: tl.constexpr,
     b_desc=None,  # a TensorDescriptor of B: TMA loads of B (b_ptr and B's strides unused); None: pointer loads
     B_TRANSPOSED: tl.constexpr = False,  # b_desc describes W [G, N, K], B = W^T (see b_descriptor)
+    PERSISTENT: tl.constexpr = False,  # programs loop over tiles (schedule.tile_loops): flatten the loop
 ):
-    g, rows, row_mask, cols, col_mask, tile_n = row_tile(
-        offs_ptr, G, M, N, n_row_tiles, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M
+    first, step, group_tiles, group_rows, tail_first, tail_end, tail_start = tile_loops(
+        offs_ptr, G, M, N, BLOCK_M, BLOCK_N, BLOCK_G
     )
-    if g > G:  # past the last tile of the grid's upper bound
-        return
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if g < G:  # the tail (g == G) keeps acc = 0
+    for tile in tl.range(first, group_tiles, step, flatten=PERSISTENT):
+        g, rows, row_mask, cols, col_mask, tile_n = row_tile(
+            tile, offs_ptr, G, M, N, group_rows, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M
+        )
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         a_rows_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am
         if b_desc is not None:  # resolved at compile time, like row_index's None
             n0 = tile_n * BLOCK_N  # = cols[0]
@@ -195,6 +197,16 @@ def grouped_rows_kernel(
             acc = mma_loop(
                 acc, a_rows_ptrs, row_mask, stride_ak, b_cols_ptrs, col_mask, stride_bk, K, BLOCK_K, EVEN_K, PRECISION
             )
+        store_rows(c_ptr, c_rows_ptr, acc, rows, row_mask, cols, col_mask, stride_cm, stride_cn)
+    for tile in tl.range(tail_first, tail_end, step):  # rows of no group: zeros
+        rows, row_mask, cols, col_mask, _ = tail_tile(tile - group_tiles, tail_start, M, N, BLOCK_M, BLOCK_N)
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        store_rows(c_ptr, c_rows_ptr, zeros, rows, row_mask, cols, col_mask, stride_cm, stride_cn)
+
+
+@triton.jit
+def store_rows(c_ptr, c_rows_ptr, acc, rows, row_mask, cols, col_mask, stride_cm, stride_cn):
+    """C[c_rows[rows], cols] = acc (C[rows, cols] without an index map), masked."""
     c_rows = row_index(c_rows_ptr, rows, row_mask)
     tl.store(
         c_ptr + c_rows[:, None] * stride_cm + cols[None, :] * stride_cn,
@@ -246,8 +258,8 @@ def launch_rows(
         return
     require_runnable(a.device, a.dtype)
     cfg = config or get_config("rows", a.dtype, num_rows, g, a.device, interpreting())
-    n_row_tiles = max_row_tiles(num_rows, g, cfg["BLOCK_M"])
-    grid = (n_row_tiles * triton.cdiv(n, cfg["BLOCK_N"]),)
+    tiles = max_row_tiles(num_rows, g, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    grid = (num_programs(tiles, cfg, a.device),)
     desc = b_descriptor(b, cfg)
     grouped_rows_kernel[grid](
         a,
@@ -259,7 +271,6 @@ def launch_rows(
         n,
         k,
         g,
-        n_row_tiles,
         a.stride(0),
         a.stride(1),
         b.stride(0),
@@ -276,6 +287,7 @@ def launch_rows(
         PRECISION=dot_precision(a.dtype),
         b_desc=desc[0] if desc else None,
         B_TRANSPOSED=bool(desc and desc[1]),
+        PERSISTENT=bool(cfg.get("PERSISTENT")),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -33,9 +33,23 @@ Worked example: M = 10, BLOCK_M = 4, offs = [3, 3, 9] (G = 3; group 1 empty)
 end at or before the program's tile. `offs` is clamped to [0, M] first, so that
 malformed offsets (never checked on the hot path: that needs a sync) produce
 wrong numbers but never an out-of-bounds access.
+
+Every row-tiled kernel runs two loops (`tile_loops`): one over the groups'
+tiles (row tiles of groups < G times column tiles; 3 x N/BLOCK_N in the example),
+then one over the tail's, which only writes zeros. Launched with one program per
+virtual tile (the default) each program takes at most one tile of either loop, and
+those past the last take none. With the "PERSISTENT" tile option the grid is
+PERSISTENT programs per SM instead (`num_programs`), and program p takes tiles p,
+p + grid, p + 2 grid, ...: no wave of programs that exit at once, and the groups'
+loop is flattened with its K loop (tl.range's `flatten`) so that the compiler can
+issue the next tile's loads under this tile's epilogue. Flattening needs the K
+loop's bounds to be the same for every tile, which is why the tail, whose tiles
+would run no K steps, has a loop of its own.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -53,12 +67,8 @@ def group_block(g: int) -> int:
 
 
 @triton.jit
-def group_of_tile(offs_ptr, G, M, tile, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Virtual row tile -> (g, row_start, row_end).
-
-    g < G: a group; g == G: the tail (rows of no group); g > G: no such tile.
-    Rows [row_start, min(row_start + BLOCK_M, row_end)) are the tile's rows.
-    """
+def _group_tiles(offs_ptr, G, M, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Per group (index G: the tail; past it: empty) its rows [start, end) and its row tiles."""
     gi = tl.arange(0, BLOCK_G)
     # index G is the tail, whose end is M; indices past it are empty
     end = tl.load(offs_ptr + gi, mask=gi < G, other=M)
@@ -66,7 +76,17 @@ def group_of_tile(offs_ptr, G, M, tile, BLOCK_M: tl.constexpr, BLOCK_G: tl.const
     start = tl.load(offs_ptr + gi - 1, mask=(gi >= 1) & (gi <= G), other=0)
     start = tl.minimum(tl.maximum(start, 0), M)
     size = tl.where(gi <= G, tl.maximum(end - start, 0), 0)
-    n_tiles = (size + BLOCK_M - 1) // BLOCK_M
+    return gi, start, end, (size + BLOCK_M - 1) // BLOCK_M
+
+
+@triton.jit
+def group_of_tile(offs_ptr, G, M, tile, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Virtual row tile -> (g, row_start, row_end).
+
+    g < G: a group; g == G: the tail (rows of no group); g > G: no such tile.
+    Rows [row_start, min(row_start + BLOCK_M, row_end)) are the tile's rows.
+    """
+    gi, start, end, n_tiles = _group_tiles(offs_ptr, G, M, BLOCK_M, BLOCK_G)
     cum = tl.cumsum(n_tiles, axis=0)
     # the owner is the first group whose cumulative count exceeds `tile`
     g = tl.sum((cum <= tile).to(tl.int32), axis=0)
@@ -131,25 +151,82 @@ def tile_map_reference(offs: list[int], num_rows: int, block_m: int) -> list[tup
 
 
 @triton.jit
+def tile_loops(offs_ptr, G, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """The bounds of this program's two loops over the tiles of an [M, N] output (module doc):
+
+        for tile in tl.range(first, group_tiles, step, flatten=PERSISTENT):  # row_tile(tile, ..., group_rows)
+        for tile in tl.range(tail_first, tail_end, step):                     # tail_tile(tile - group_tiles, ...)
+
+    Returns (first, step, group_tiles, group_rows, tail_first, tail_end, tail_start): the group
+    tiles count row tiles x column tiles; the tail's tiles follow them in one numbering, so a grid
+    of one program per tile gives every program at most one tile of either loop.
+    """
+    gi, start, _, n_tiles = _group_tiles(offs_ptr, G, M, BLOCK_M, BLOCK_G)
+    n_cols = tl.cdiv(N, BLOCK_N)
+    group_rows = tl.sum(tl.where(gi < G, n_tiles, 0), axis=0)
+    tail_rows = tl.sum(tl.where(gi == G, n_tiles, 0), axis=0)
+    tail_start = tl.sum(tl.where(gi == G, start, 0), axis=0)
+    first, step = tl.program_id(0), tl.num_programs(0)
+    group_tiles = group_rows * n_cols
+    # the first tile of this program's residue class (tiles first, first + step, ...) in the tail
+    tail_first = first + tl.cdiv(tl.maximum(group_tiles - first, 0), step) * step
+    return first, step, group_tiles, group_rows, tail_first, group_tiles + tail_rows * n_cols, tail_start
+
+
+@triton.jit
 def row_tile(
+    tile,
     offs_ptr,
     G,
     M,
     N,
-    n_row_tiles,
+    group_rows,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """The prologue every row-tiled grouped kernel shares: this program's tile of an [M, N] output.
-
-    Returns (g, rows, row_mask, cols, col_mask, tile_n); g as in `group_of_tile` (g > G: exit at
-    once); tile_n the column tile, cols = tile_n * BLOCK_N + arange (TMA loads and per-tile partial
-    sums address by it).
+    """Tile `tile` of the groups' tiles (tile_loops' first loop): (g, rows, row_mask, cols,
+    col_mask, tile_n) with g < G its group; tile_n the column tile, cols = tile_n * BLOCK_N +
+    arange (TMA loads and per-tile partial sums address by it). `group_rows` is the groups'
+    row tile count, over which `swizzle` bands the tiles.
     """
-    tile_m, tile_n = swizzle(tl.program_id(0), n_row_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
+    tile_m, tile_n = swizzle(tile, group_rows, tl.cdiv(N, BLOCK_N), GROUP_M)
     g, row_start, row_end = group_of_tile(offs_ptr, G, M, tile_m, BLOCK_M, BLOCK_G)
     rows = row_start + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return g, rows, rows < row_end, cols, cols < N, tile_n
+
+
+@triton.jit
+def tail_tile(tile, tail_start, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile `tile` (counted from 0) of the tail, the rows [tail_start, M) of no group: (rows, row_mask,
+    cols, col_mask, tile_n) as row_tile's; the kernels write their zeros."""
+    n_cols = tl.cdiv(N, BLOCK_N)
+    rows = tail_start + (tile // n_cols) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile_n = tile % n_cols
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < M, cols, cols < N, tile_n
+
+
+def num_programs(tiles: int, config: dict, device: torch.device) -> int:
+    """The grid of a row-tiled kernel with at most `tiles` virtual tiles: one program per tile,
+    or with the "PERSISTENT" option P (tuning.py), at most P programs per SM, each looping."""
+    per_sm = config.get("PERSISTENT", 0)
+    return min(tiles, per_sm * sm_count(device)) if per_sm else tiles
+
+
+# the interpreter has no SMs; two make a persistent grid of two programs, each looping over tiles
+INTERPRETER_SMS = 2
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (a persistent grid's unit); INTERPRETER_SMS off CUDA."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -15,6 +15,8 @@ A configuration is chosen per launch by (kernel kind, dtype class, shape class):
 Every configuration has the FIELDS; some kinds accept OPTIONAL_FIELDS, off when absent:
     "SPLIT" (dw, int >= 1, default 1)       split each group's rows over SPLIT programs (gemm_dw.py)
     "TMA"   (rows, swiglu_up, bool, false)  load B through a tensor descriptor (gemm_rows.py, ffn_kernels.py)
+    "PERSISTENT" (rows, swiglu_up, int >= 1, off)  launch that many programs per SM, each looping over
+                                            tiles in a flattened loop (schedule.py's tile_loops)
 They are opt-in: an entry carries them only when a tuning run measured them faster.
 
 The JSON holds one section per GPU family (matched as a substring of the device
@@ -38,7 +40,7 @@ TABLE_PATH = Path(__file__).with_name("gemm_configs.json")
 KINDS = ("rows", "swiglu_up", "dw")
 FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 # optional field -> the kinds that read it (absent: SPLIT 1, TMA off, as the launchers read them)
-OPTIONAL_FIELDS = {"SPLIT": ("dw",), "TMA": ("rows", "swiglu_up")}
+OPTIONAL_FIELDS = {"SPLIT": ("dw",), "TMA": ("rows", "swiglu_up"), "PERSISTENT": ("rows", "swiglu_up")}
 # a GPU without a section of its own uses the section of the same compute die: the H200 is
 # the H100's GH100 (same SMs, shared memory and registers per SM; more and faster HBM), so
 # tiles that fit and win on one fit on the other. A tuned "h200" section, once written, wins.
@@ -114,8 +116,9 @@ def config_problem(key: str, cfg: dict) -> str:
     if missing or extra:
         allowed = [f for f, kinds in OPTIONAL_FIELDS.items() if kind in kinds]
         return f"needs the fields {FIELDS}, may have {allowed}; missing {missing}, not allowed {extra}"
-    if "SPLIT" in cfg and (type(cfg["SPLIT"]) is not int or cfg["SPLIT"] < 1):
-        return f"SPLIT must be an integer >= 1, got {cfg['SPLIT']!r}"
+    for field in ("SPLIT", "PERSISTENT"):
+        if field in cfg and (type(cfg[field]) is not int or cfg[field] < 1):
+            return f"{field} must be an integer >= 1, got {cfg[field]!r}"
     if "TMA" in cfg and type(cfg["TMA"]) is not bool:
         return f"TMA must be true or false, got {cfg['TMA']!r}"
     return ""

@@ -18,8 +18,8 @@ def tma_on(monkeypatch):
     launch_args = ffn_kernels._launch_args
 
     def with_tma(*args, **kwargs):
-        grid, tiles, meta, cfg = launch_args(*args, **kwargs)
-        return grid, tiles, meta, {**cfg, "TMA": True}
+        grid, meta, cfg = launch_args(*args, **kwargs)
+        return grid, meta, {**cfg, "TMA": True}
 
     def recording(b, cfg):
         desc = b_descriptor(b, cfg)

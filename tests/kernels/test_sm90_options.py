@@ -1,11 +1,17 @@
-"""The opt-in Hopper variants (TMA loads of B, split dW) compile for sm_90, with the instructions they exist for.
+"""The opt-in Hopper variants (TMA loads of B, split dW, persistent tile loops) compile for sm_90,
+with the instructions and the loop structure they exist for.
 
 Like test_sm90_build.py: the real Triton compiler builds each variant for an H100/H200
 (sm_90) without a GPU, with the H100 table's tiles and launch-like specialisation,
 in a subprocess that imports the kernels without TRITON_INTERPRET. The PTX must hold
 wgmma (Hopper's warpgroup MMA) for the 16-bit tiles and, for TMA, the bulk tensor
-copy `cp.async.bulk.tensor`. Run this file as a script to see each variant's
-shared memory and MMA / copy instructions.
+copy `cp.async.bulk.tensor`. A persistent variant must come out with its tile loop
+flattened into the K loop (FLATTENED): an innermost loop in the TTGIR that both
+issues the warpgroup MMA and stores a tile, i.e. the next tile's K steps are
+pipelined against this tile's epilogue. (The compiler fuses the loops only when the K loop's
+bounds are the same for every tile; it keeps the unfused nest as a fallback.)
+Run this file as a script to see each variant's shared memory and MMA / copy
+instructions.
 """
 
 import importlib.util
@@ -23,15 +29,35 @@ REPO = Path(__file__).resolve().parents[2]
 # Ling-1T-like sizes: d = 8192, f = 2048, 8 local experts, 32K routed rows
 M, D, F, E = 32768, 8192, 2048, 8
 TMA_COPY, WGMMA = "cp.async.bulk.tensor", "wgmma.mma_async"
+FLATTENED = "tile loop flattened into the K loop"
 
 
-def _rows(dt, k, n, block_k, block_n, scatter=False, transposed=False):
+def loop_bodies(ir: str) -> list[str]:
+    """The body text of every scf.for in MLIR text (a loop closes at the first `}` at its indent)."""
+    lines, bodies = ir.splitlines(), []
+    for i, line in enumerate(lines):
+        if "scf.for" in line and line.rstrip().endswith("{"):
+            indent = len(line) - len(line.lstrip())
+            end = next(j for j in range(i + 1, len(lines)) if lines[j][indent:].startswith("}"))
+            bodies.append("\n".join(lines[i + 1 : end]))
+    return bodies
+
+
+def flattened(ttgir: str) -> bool:
+    """Does an innermost loop that issues the warpgroup MMA also store tiles? (Unfused, the
+    innermost MMA loop is the K loop, and the stores follow it in the tile loop.)"""
+    innermost = [body for body in loop_bodies(ttgir) if "ttng.warp_group_dot " in body and "scf.for" not in body]
+    return any("tt.store" in body for body in innermost)
+
+
+def _rows(dt, k, n, block_k, block_n, scatter=False, transposed=False, tma=True):
     """Pointers (None: absent), integer arguments and the descriptor type of a TMA row GEMM
-    (transposed: B = W^T with the descriptor of W [G, N, K], as for dA and dx)."""
+    (transposed: B = W^T with the descriptor of W [G, N, K], as for dA and dx; tma=False: none)."""
     pointers = {"a_ptr": dt, "b_ptr": dt, "c_ptr": dt, "c_rows_ptr": "*i64" if scatter else None, "offs_ptr": "*i32"}
     block = (block_n, block_k) if transposed else (block_k, block_n)
-    pointers["b_desc"] = f"tensordesc<{dt[1:]}[1,{block[0]},{block[1]}]>"
-    ints = dict(M=M, N=n, K=k, G=E, n_row_tiles=265, stride_am=k, stride_ak=1, stride_bg=k * n, stride_bk=n)
+    if tma:
+        pointers["b_desc"] = f"tensordesc<{dt[1:]}[1,{block[0]},{block[1]}]>"
+    ints = dict(M=M, N=n, K=k, G=E, stride_am=k, stride_ak=1, stride_bg=k * n, stride_bk=n)
     ints.update(stride_bn=1, stride_cm=n, stride_cn=1)
     return pointers, ints
 
@@ -59,6 +85,8 @@ def _ffn(kind, block_k, block_n):
 
 def variants():
     """name -> (kernel, pointers, ints, constexprs, tuning key, instructions the PTX must hold)."""
+    from test_sm90_build import _act_backward
+
     from moe_kernels.ffn_kernels import ffn_act_backward_kernel, ffn_up_kernel
     from moe_kernels.gemm_dw import grouped_dw_kernel, sum_splits_kernel
     from moe_kernels.gemm_rows import grouped_rows_kernel
@@ -121,6 +149,34 @@ def variants():
             large,
             (WGMMA, TMA_COPY),
         ),
+        "grouped_mm forward bf16, PERSISTENT": (
+            grouped_rows_kernel,
+            *_rows("*bf16", D, F, *tiles(large), tma=False),
+            {**gemm, "PERSISTENT": True},
+            large,
+            (WGMMA, FLATTENED),
+        ),
+        "ffn down (scatter), PERSISTENT + TMA": (
+            grouped_rows_kernel,
+            *_rows("*bf16", F, D, *tiles(large), scatter=True),
+            {**gemm, "PERSISTENT": True},
+            large,
+            (WGMMA, TMA_COPY, FLATTENED),
+        ),
+        "moe_ffn up swiglu, PERSISTENT + TMA": (
+            ffn_up_kernel,
+            *_ffn("up", *tiles("swiglu_up/16bit/large")),
+            {**gemm, "ACTIVATION": "swiglu", "STORE_Z": True, "PERSISTENT": True},
+            "swiglu_up/16bit/large",
+            (WGMMA, TMA_COPY, FLATTENED),
+        ),
+        "moe_ffn dh + ds, PERSISTENT": (
+            ffn_act_backward_kernel,
+            *_act_backward(2 * F, weighted=True),
+            {**gemm, "ACTIVATION": "swiglu", "PERSISTENT": True},
+            large,
+            (WGMMA, FLATTENED),
+        ),
         "grouped_mm dB bf16, SPLIT": (
             grouped_dw_kernel,
             *_dw("*bf16"),
@@ -157,7 +213,7 @@ def build(name: str) -> tuple[str, list[str]]:
     compiled = compile_sm90(kernel, pointers, ints, constexprs, cfg)
     ptx = compiled.asm["ptx"]
     found = sorted(set(re.findall(r"\b(wgmma\.mma_async|mma\.sync|cp\.async\.bulk\.tensor\.\w+)", ptx)))
-    missing = [ins for ins in required if ins not in ptx]
+    missing = [ins for ins in required if not (flattened(compiled.asm["ttgir"]) if ins == FLATTENED else ins in ptx)]
     line = f"{name:40s} {key or '-':18s} shared {compiled.metadata.shared:6d} B  {', '.join(found) or 'no mma'}"
     return line, missing
 

@@ -75,6 +75,10 @@ def test_h200_uses_the_h100_section_until_it_has_its_own():
         ("dw/16bit/large", {"SPLIT": 0}, "SPLIT must be an integer >= 1"),
         ("dw/16bit/large", {"SPLIT": 2.0}, "SPLIT must be an integer >= 1"),
         ("rows/16bit/large", {"TMA": 1}, "TMA must be true or false"),
+        ("swiglu_up/16bit/small", {"PERSISTENT": 2, "TMA": True}, ""),
+        ("dw/16bit/large", {"PERSISTENT": 1}, "not allowed ['PERSISTENT']"),
+        ("rows/16bit/large", {"PERSISTENT": 0}, "PERSISTENT must be an integer >= 1"),
+        ("rows/16bit/large", {"PERSISTENT": True}, "PERSISTENT must be an integer >= 1"),
         ("dw/16bit/large", {"BLOCK_X": 1}, "not allowed ['BLOCK_X']"),
     ],
 )
