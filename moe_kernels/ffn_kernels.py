@@ -157,7 +157,7 @@ def ffn_up_kernel(
         offs_ptr, E, R, F, BLOCK_M, BLOCK_N, BLOCK_G
     )
     for tile in tl.range(first, group_tiles, step, flatten=PERSISTENT):
-        g, rows, row_mask, cols, col_mask, tile_n = row_tile(
+        g, rows, row_mask, cols, col_mask, tile_n, _ = row_tile(
             tile, offs_ptr, E, R, F, group_rows, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M
         )
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # gate (swiglu) or z (gelu)
@@ -281,7 +281,7 @@ def ffn_act_backward_kernel(
         offs_ptr, E, R, F, BLOCK_M, BLOCK_N, BLOCK_G
     )
     for tile in tl.range(first, group_tiles, step, flatten=PERSISTENT):
-        g, rows, row_mask, cols, col_mask, tile_n = row_tile(
+        g, rows, row_mask, cols, col_mask, tile_n, _ = row_tile(
             tile, offs_ptr, E, R, F, group_rows, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M
         )
         dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -26,7 +26,10 @@ with W [G, N, K] contiguous along K) gets a descriptor of W itself, block
 [1, BLOCK_N, BLOCK_K], and each tile is transposed in the kernel (B_TRANSPOSED): the
 MMA reads it from shared memory as it lies. TMA needs the descriptor's last dim
 contiguous and 16-byte aligned strides and base; otherwise the launcher falls back
-to pointer loads. A keeps pointer loads (its rows are a range of one group).
+to pointer loads. A (never gathered here: its rows are a range) is then read through a
+descriptor of A [M, K] too, block [BLOCK_M, BLOCK_K] at the tile's first row, where its layout
+allows (a_descriptor): a tile's rows past its group belong to the next group (or are zeros past
+M), are multiplied like the others and never stored.
 """
 
 from __future__ import annotations
@@ -114,17 +117,23 @@ def mma_loop_tma(
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
     B_TRANSPOSED: tl.constexpr = False,
+    a_desc=None,
+    m0=0,
 ):
     """Like mma_loop, with B's tiles read through a tensor descriptor of B [G, K, N].
 
     b_desc's block is [1, BLOCK_K, BLOCK_N]; the tile at (g, k0, n0) is B[g, k0:k0+BLOCK_K,
     n0:n0+BLOCK_N] with zeros past K and N (the descriptor's padding), so only A is masked.
     B_TRANSPOSED: b_desc describes W [G, N, K] with B = W^T, block [1, BLOCK_N, BLOCK_K].
+    a_desc: a descriptor of A [M, K] itself (rows not gathered), block [BLOCK_M, BLOCK_K], read at
+    rows m0...; its rows past the group are other groups' (or zeros past M) and are not stored.
     """
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_rows_ptrs + ks[None, :] * stride_ak
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
+        if a_desc is not None:
+            a = a_desc.load([m0, k0])
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs, mask=row_mask[:, None] & (ks < K - k0)[None, :], other=0.0)
@@ -164,13 +173,14 @@ def grouped_rows_kernel(
     PRECISION: tl.constexpr,
     b_desc=None,  # a TensorDescriptor of B: TMA loads of B (b_ptr and B's strides unused); None: pointer loads
     B_TRANSPOSED: tl.constexpr = False,  # b_desc describes W [G, N, K], B = W^T (see b_descriptor)
+    a_desc=None,  # with b_desc, a TensorDescriptor of A [M, K] (a_descriptor); None: pointer loads of A
     PERSISTENT: tl.constexpr = False,  # programs loop over tiles (schedule.tile_loops): flatten the loop
 ):
     first, step, group_tiles, group_rows, tail_first, tail_end, tail_start = tile_loops(
         offs_ptr, G, M, N, BLOCK_M, BLOCK_N, BLOCK_G
     )
     for tile in tl.range(first, group_tiles, step, flatten=PERSISTENT):
-        g, rows, row_mask, cols, col_mask, tile_n = row_tile(
+        g, rows, row_mask, cols, col_mask, tile_n, m0 = row_tile(
             tile, offs_ptr, G, M, N, group_rows, BLOCK_M, BLOCK_N, BLOCK_G, GROUP_M
         )
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -191,6 +201,8 @@ def grouped_rows_kernel(
                 EVEN_K,
                 PRECISION,
                 B_TRANSPOSED,
+                a_desc,
+                m0,
             )
         else:
             b_cols_ptrs = b_ptr + g.to(tl.int64) * stride_bg + cols[None, :] * stride_bn
@@ -237,6 +249,17 @@ def b_descriptor(b: torch.Tensor, config: dict) -> tuple[object, bool] | None:
     return TensorDescriptor.from_tensor(described, block), transposed
 
 
+def a_descriptor(a: torch.Tensor, config: dict) -> object | None:
+    """A descriptor of A [M, K], block [BLOCK_M, BLOCK_K], for TMA loads of A when `config` asks for
+    TMA and A's layout allows it (last dim contiguous, base and row stride 16-byte aligned), else None.
+    Only the row GEMM takes it: its A rows are a range, where the FFN kernels gather theirs."""
+    if not config.get("TMA", False) or TensorDescriptor is None or 0 in a.shape:
+        return None
+    if a.stride(1) != 1 or a.data_ptr() % 16 or a.stride(0) * a.element_size() % 16:
+        return None
+    return TensorDescriptor.from_tensor(a, [config["BLOCK_M"], config["BLOCK_K"]])
+
+
 def launch_rows(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -261,6 +284,7 @@ def launch_rows(
     tiles = max_row_tiles(num_rows, g, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     grid = (num_programs(tiles, cfg, a.device),)
     desc = b_descriptor(b, cfg)
+    a_desc = a_descriptor(a, cfg) if desc else None  # A through TMA only beside B through TMA
     grouped_rows_kernel[grid](
         a,
         b,
@@ -287,6 +311,7 @@ def launch_rows(
         PRECISION=dot_precision(a.dtype),
         b_desc=desc[0] if desc else None,
         B_TRANSPOSED=bool(desc and desc[1]),
+        a_desc=a_desc,
         PERSISTENT=bool(cfg.get("PERSISTENT")),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],

@@ -187,15 +187,15 @@ def row_tile(
     GROUP_M: tl.constexpr,
 ):
     """Tile `tile` of the groups' tiles (tile_loops' first loop): (g, rows, row_mask, cols,
-    col_mask, tile_n) with g < G its group; tile_n the column tile, cols = tile_n * BLOCK_N +
-    arange (TMA loads and per-tile partial sums address by it). `group_rows` is the groups'
-    row tile count, over which `swizzle` bands the tiles.
+    col_mask, tile_n, row_start) with g < G its group; tile_n the column tile, cols = tile_n *
+    BLOCK_N + arange, rows = row_start + arange (TMA loads and per-tile partial sums address by
+    them). `group_rows` is the groups' row tile count, over which `swizzle` bands the tiles.
     """
     tile_m, tile_n = swizzle(tile, group_rows, tl.cdiv(N, BLOCK_N), GROUP_M)
     g, row_start, row_end = group_of_tile(offs_ptr, G, M, tile_m, BLOCK_M, BLOCK_G)
     rows = row_start + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return g, rows, rows < row_end, cols, cols < N, tile_n
+    return g, rows, rows < row_end, cols, cols < N, tile_n, row_start
 
 
 @triton.jit

@@ -14,7 +14,8 @@ A configuration is chosen per launch by (kernel kind, dtype class, shape class):
 
 Every configuration has the FIELDS; some kinds accept OPTIONAL_FIELDS, off when absent:
     "SPLIT" (dw, int >= 1, default 1)       split each group's rows over SPLIT programs (gemm_dw.py)
-    "TMA"   (rows, swiglu_up, bool, false)  load B through a tensor descriptor (gemm_rows.py, ffn_kernels.py)
+    "TMA"   (rows, swiglu_up, bool, false)  load B (and a row GEMM's A) through tensor descriptors
+                                            (gemm_rows.py, ffn_kernels.py)
     "PERSISTENT" (rows, swiglu_up, int >= 1, off)  launch that many programs per SM, each looping over
                                             tiles in a flattened loop (schedule.py's tile_loops)
 They are opt-in: an entry carries them only when a tuning run measured them faster.

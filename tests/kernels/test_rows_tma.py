@@ -14,7 +14,7 @@ import torch
 from kernel_testing import DEVICE, DTYPES, assert_close, offsets
 
 import moe_kernels
-from moe_kernels.gemm_rows import b_descriptor, launch_rows
+from moe_kernels.gemm_rows import a_descriptor, b_descriptor, launch_rows
 from moe_kernels.runtime import interpreting
 from moe_kernels.tuning import get_config
 
@@ -115,3 +115,25 @@ def test_tma_is_bitwise_reproducible():
     a, b = _inputs(m, k, n_by_size[2], len(sizes), torch.float16, seed=12)
     config = _config(torch.float16, m, len(sizes))
     assert torch.equal(_run(a, b, sizes, config), _run(a, b, sizes, config))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_through_tma_reads_past_its_group_and_pads_k(dtype):
+    """A tile whose rows run past its group reads the next group's rows and the tail through A's
+    descriptor: multiplied by this group's B, never stored. K = 40 leaves a partial K tile that
+    both descriptors pad with zeros. A row stride TMA cannot take falls back to pointer loads."""
+    sizes = [33, 0, 30]  # group 0's second row tile holds one of its rows and the next group's
+    m, k, n = sum(sizes) + 7, 40, 24
+    a, b = _inputs(m, k, n, len(sizes), dtype, seed=13)
+    config = _config(dtype, m, len(sizes))
+    assert a_descriptor(a, config) is not None and b_descriptor(b, config) is not None
+    ref = moe_kernels.grouped_mm_reference(a.double(), b.double(), offsets(sizes))
+    out = _run(a, b, sizes, config)
+    assert_close(out, ref, dtype, "out with TMA loads of A and B")
+    assert torch.equal(out[sum(sizes) :], torch.zeros_like(out[sum(sizes) :])), "rows of no group must be zeros"
+
+    a_odd = torch.zeros(m, k + 1, device=DEVICE, dtype=dtype)[:, :k]  # rows k + 1 elements apart
+    a_odd.copy_(a)
+    assert a_descriptor(a_odd, config) is None
+    assert_close(_run(a_odd, b, sizes, config), ref, dtype, "out with pointer loads of A, TMA of B")
+    assert a_descriptor(a, _config(dtype, m, len(sizes), tma=False)) is None, "TMA off: pointer loads"

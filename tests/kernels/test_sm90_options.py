@@ -1,17 +1,17 @@
-"""The opt-in Hopper variants (TMA loads of B, split dW, persistent tile loops) compile for sm_90,
+"""The opt-in Hopper variants (TMA loads, split dW, persistent tile loops) compile for sm_90,
 with the instructions and the loop structure they exist for.
 
 Like test_sm90_build.py: the real Triton compiler builds each variant for an H100/H200
 (sm_90) without a GPU, with the H100 table's tiles and launch-like specialisation,
 in a subprocess that imports the kernels without TRITON_INTERPRET. The PTX must hold
 wgmma (Hopper's warpgroup MMA) for the 16-bit tiles and, for TMA, the bulk tensor
-copy `cp.async.bulk.tensor`. A persistent variant must come out with its tile loop
-flattened into the K loop (FLATTENED): an innermost loop in the TTGIR that both
-issues the warpgroup MMA and stores a tile, i.e. the next tile's K steps are
-pipelined against this tile's epilogue. (The compiler fuses the loops only when the K loop's
-bounds are the same for every tile; it keeps the unfused nest as a fallback.)
-Run this file as a script to see each variant's shared memory and MMA / copy
-instructions.
+copy `cp.async.bulk.tensor` (2-d for A's tiles in the row GEMM, 3-d for the weights').
+A persistent variant must come out with its tile loop flattened into the K loop
+(FLATTENED): an innermost loop in the TTGIR that both issues the warpgroup MMA and
+stores a tile, i.e. the next tile's K steps are pipelined against this tile's
+epilogue. (The compiler fuses the loops only when the K loop's bounds are the same
+for every tile; it keeps the unfused nest as a fallback.) Run this file as a script
+to see each variant's shared memory and MMA / copy instructions.
 """
 
 import importlib.util
@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Ling-1T-like sizes: d = 8192, f = 2048, 8 local experts, 32K routed rows
 M, D, F, E = 32768, 8192, 2048, 8
 TMA_COPY, WGMMA = "cp.async.bulk.tensor", "wgmma.mma_async"
+TMA_A = "cp.async.bulk.tensor.2d"  # A [M, K]'s tiles (B's descriptors are 3-d: [G, K, N])
 FLATTENED = "tile loop flattened into the K loop"
 
 
@@ -50,13 +51,14 @@ def flattened(ttgir: str) -> bool:
     return any("tt.store" in body for body in innermost)
 
 
-def _rows(dt, k, n, block_k, block_n, scatter=False, transposed=False, tma=True):
-    """Pointers (None: absent), integer arguments and the descriptor type of a TMA row GEMM
-    (transposed: B = W^T with the descriptor of W [G, N, K], as for dA and dx; tma=False: none)."""
+def _rows(dt, k, n, block_m, block_k, block_n, scatter=False, transposed=False, tma=True):
+    """Pointers (None: absent), integer arguments and the descriptor types of a TMA row GEMM: B's
+    (transposed: B = W^T with the descriptor of W [G, N, K], as for dA and dx) and A's; tma=False: none."""
     pointers = {"a_ptr": dt, "b_ptr": dt, "c_ptr": dt, "c_rows_ptr": "*i64" if scatter else None, "offs_ptr": "*i32"}
     block = (block_n, block_k) if transposed else (block_k, block_n)
     if tma:
         pointers["b_desc"] = f"tensordesc<{dt[1:]}[1,{block[0]},{block[1]}]>"
+        pointers["a_desc"] = f"tensordesc<{dt[1:]}[{block_m},{block_k}]>"
     ints = dict(M=M, N=n, K=k, G=E, stride_am=k, stride_ak=1, stride_bg=k * n, stride_bk=n)
     ints.update(stride_bn=1, stride_cm=n, stride_cn=1)
     return pointers, ints
@@ -97,43 +99,46 @@ def variants():
     def tiles(key):
         return h100[key]["BLOCK_K"], h100[key]["BLOCK_N"]
 
+    def row_tiles(key):
+        return h100[key]["BLOCK_M"], *tiles(key)
+
     gemm = {"BLOCK_G": 16, "EVEN_K": True, "PRECISION": "ieee"}
     large, decode, small = "rows/16bit/large", "rows/16bit/decode", "rows/16bit/small"
     return {
         "grouped_mm forward bf16, TMA": (
             grouped_rows_kernel,
-            *_rows("*bf16", D, F, *tiles(large)),
+            *_rows("*bf16", D, F, *row_tiles(large)),
             gemm,
             large,
-            (WGMMA, TMA_COPY),
+            (WGMMA, TMA_COPY, TMA_A),
         ),
         "grouped_mm forward fp16, TMA": (
             grouped_rows_kernel,
-            *_rows("*fp16", D, F, *tiles(small)),
+            *_rows("*fp16", D, F, *row_tiles(small)),
             gemm,
             small,
-            (WGMMA, TMA_COPY),
+            (WGMMA, TMA_COPY, TMA_A),
         ),
         "grouped_mm dA / ffn dx bf16, TMA of W^T": (
             grouped_rows_kernel,
-            *_rows("*bf16", F, D, *tiles(large), transposed=True),
+            *_rows("*bf16", F, D, *row_tiles(large), transposed=True),
             {**gemm, "B_TRANSPOSED": True},
             large,
-            (WGMMA, TMA_COPY),
+            (WGMMA, TMA_COPY, TMA_A),
         ),
         "grouped_mm decode ragged K, TMA": (
             grouped_rows_kernel,
-            *_rows("*bf16", 100, F, *tiles(decode)),
+            *_rows("*bf16", 100, F, *row_tiles(decode)),
             {**gemm, "EVEN_K": False},
             decode,
-            (TMA_COPY,),
+            (TMA_COPY, TMA_A),
         ),
         "ffn down (scatter), TMA": (
             grouped_rows_kernel,
-            *_rows("*bf16", F, D, *tiles(large), scatter=True),
+            *_rows("*bf16", F, D, *row_tiles(large), scatter=True),
             gemm,
             large,
-            (WGMMA, TMA_COPY),
+            (WGMMA, TMA_COPY, TMA_A),
         ),
         "moe_ffn up swiglu, TMA": (
             ffn_up_kernel,
@@ -151,17 +156,17 @@ def variants():
         ),
         "grouped_mm forward bf16, PERSISTENT": (
             grouped_rows_kernel,
-            *_rows("*bf16", D, F, *tiles(large), tma=False),
+            *_rows("*bf16", D, F, *row_tiles(large), tma=False),
             {**gemm, "PERSISTENT": True},
             large,
             (WGMMA, FLATTENED),
         ),
         "ffn down (scatter), PERSISTENT + TMA": (
             grouped_rows_kernel,
-            *_rows("*bf16", F, D, *tiles(large), scatter=True),
+            *_rows("*bf16", F, D, *row_tiles(large), scatter=True),
             {**gemm, "PERSISTENT": True},
             large,
-            (WGMMA, TMA_COPY, FLATTENED),
+            (WGMMA, TMA_COPY, TMA_A, FLATTENED),
         ),
         "moe_ffn up swiglu, PERSISTENT + TMA": (
             ffn_up_kernel,
