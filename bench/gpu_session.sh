@@ -6,6 +6,8 @@
 #   COMMIT=... OUT=... bash bench/gpu_session.sh full      # moe_ffn's kernel tests, moe_layer on every shape (each
 #                                                          case checked first), then `moe calibrate` of every full
 #                                                          config: < 8 min (start here)
+#   COMMIT=... OUT=... bash bench/gpu_session.sh options   # ours-triton at the quick shapes with TMA, PERSISTENT and
+#                                                          both forced on (~3-4 min; right after full: same machine)
 #   COMMIT=... OUT=... bash bench/gpu_session.sh gemm      # grouped_gemm on every shape (~7 min)
 #   COMMIT=... OUT=... bash bench/gpu_session.sh calibrate # bench/run_all.py: mirrors and `moe calibrate` of every full config
 #   COMMIT=... OUT=... bash bench/gpu_session.sh infer     # decode against the bandwidth floor; ours vs transformers
@@ -86,6 +88,13 @@ full)  # the new kernels' tests on the GPU first (bf16 included), then every cas
   step moe_layer "${LAYER_LIMIT:-270}" $py bench/moe_layer.py --budget-s "${LAYER_BUDGET:-235}" --commit "$COMMIT" --results-dir "$dir/results"
   step calibrate "${CALIBRATE_LIMIT:-130}" $py bench/run_all.py --only calibrate --results-dir "$dir/results"
   ;;
+options)  # the opt-in Hopper options at real shapes, before a tuning run decides; full's 16K rows are the baseline
+  for opts in '{"TMA": true}' '{"PERSISTENT": 1}' '{"TMA": true, "PERSISTENT": 1}'; do
+    tag=$(echo "$opts" | tr -cd 'A-Za-z')
+    step "options_$tag" "${OPTIONS_LIMIT:-80}" $py bench/moe_layer.py --quick --impl ours-triton --kernel-options "$opts" \
+      --commit "$COMMIT" --results-dir "$dir/results"
+  done
+  ;;
 gemm)
   step grouped_gemm "${GEMM_LIMIT:-420}" $py bench/grouped_gemm.py --commit "$COMMIT" --out "$dir/results"
   ;;
@@ -103,7 +112,7 @@ tune)  # tune KINDS (default: every kind) in place, keep the table, then time th
   step grouped_gemm 130 $py bench/grouped_gemm.py --quick --commit "$COMMIT" --out "$dir/results"
   ;;
 *)
-  echo "unknown mode '$what': check, quick, full, gemm, calibrate, infer or tune" >&2
+  echo "unknown mode '$what': check, quick, full, options, gemm, calibrate, infer or tune" >&2
   ;;
 esac
 tar -C "$OUT" -czf "$OUT/session.tar.gz" session && echo "packed $(du -h "$OUT/session.tar.gz" | cut -f1) into session.tar.gz"

@@ -24,8 +24,12 @@ memory of one forward+backward is recorded, and TFLOP/s counts the expert GEMMs:
 
 Results: <results-dir>/<device>/moe_layer.json, saved after every case (a run stopped by a time
 limit keeps what it measured), and one PNG per model beside it (bench/moe_layer_plot.py).
+--kernel-options forces opt-in tile options (TMA, PERSISTENT) on for our Triton kernels, to measure
+them at these shapes before a tuning run decides; such a run writes moe_layer-<options>.json, and
+--impl keeps it to the implementations it is about.
 
 usage: python bench/moe_layer.py [--quick] [--model NAME ...] [--budget-s S] [--cpu-smoke]
+                                [--impl NAME ...] [--kernel-options JSON]
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -70,6 +75,7 @@ from moe_layer_cases import (  # noqa: E402
 )
 from moe_layer_plot import plot_models  # noqa: E402
 
+IMPLS = ("ours-triton", "ours-torch", "transformers", "sonicmoe")
 TOLERANCE = 2e-2  # bf16 relative error against fp32
 TARGET_TIMING_S = 0.2  # do_bench's measured time per figure, about
 SMOKE = {"name": "smoke", "d": 48, "f": 24, "E": 4, "K": 2, "rows": (32,)}
@@ -144,12 +150,14 @@ def time_impl(impl: peers.Impl, case: Case, x: Tensor, idx: Tensor, w: Tensor, g
 
 
 def build_impls(case: Case, w_in: Tensor, w_out: Tensor, args, sonic_reason: str) -> list[peers.Impl]:
+    wanted = args.impl or IMPLS
     layer = peers.our_layer(w_in, w_out, case.top_k, w_in.dtype)
-    impls = [peers.ours(layer, "triton"), peers.ours(layer, "torch")]
-    impls.append(peers.transformers_grouped_mm(w_in, w_out, case.top_k))
-    if sonic_reason:
+    impls = [peers.ours(layer, backend) for backend in ("triton", "torch") if f"ours-{backend}" in wanted]
+    if "transformers" in wanted:
+        impls.append(peers.transformers_grouped_mm(w_in, w_out, case.top_k))
+    if "sonicmoe" in wanted and sonic_reason:
         impls.append(peers.Impl("sonicmoe", None, reason=sonic_reason))
-    else:
+    elif "sonicmoe" in wanted:
         impls.append(peers.sonicmoe(w_in, w_out, case.top_k, autotune=args.sonic_autotune))
     if args.with_wrong:
         impls.append(peers.wrong(layer))
@@ -274,13 +282,53 @@ def parse(argv):
     parser.add_argument("--sonic-autotune", action="store_true", help="let QuACK autotune every shape (slow)")
     parser.add_argument("--no-sonic-probe", action="store_true", help="run SonicMoE in this process without a probe")
     parser.add_argument("--probe-sonic", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", action="append", choices=IMPLS, help="only these implementations (repeatable)")
+    parser.add_argument(
+        "--kernel-options",
+        type=json_object,
+        default={},
+        help='tile options forced on for our Triton kernels, e.g. \'{"TMA": true, "PERSISTENT": 1}\' '
+        "(moe_kernels/tuning.py); results go to moe_layer-<options>.json",
+    )
     parser.add_argument("--commit", default=None, help="commit to record when the checkout has no .git")
     parser.add_argument("--results-dir", default=None, help="default: bench/results")
     return parser.parse_args(argv)
 
 
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def results_name(options: dict) -> str:
+    """moe_layer, or moe_layer-<option><value>... for a run with forced kernel options."""
+    return "-".join(["moe_layer"] + [f"{k.lower()}{'' if v is True else v}" for k, v in sorted(options.items())])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if not args.kernel_options:
+        return run(args)
+    from moe_kernels.tuning import force_options
+
+    try:
+        force_options(args.kernel_options)
+    except ValueError as e:
+        print(f"--kernel-options: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run(args)
+    finally:  # the table decides again for whoever called main in this process
+        force_options({})
+
+
+def run(args) -> int:
+    name = results_name(args.kernel_options)
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference is true fp32
     if args.probe_sonic:
         return probe_sonic_main(args)
@@ -303,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         env["commit"] = args.commit
     peak = dense_peak(device, args.cpu_smoke)
     sonic_reason = probe_time = ""
-    if not args.cpu_smoke and not args.no_sonic_probe:
+    if args.impl and "sonicmoe" not in args.impl:
+        sonic_reason = "not asked for (--impl)"
+    elif not args.cpu_smoke and not args.no_sonic_probe:
         t0 = time.perf_counter()
         sonic_reason = probe_sonic(device, min(240.0, (args.budget_s or 600) / 2), args.sonic_autotune)
         probe_time = f"{time.perf_counter() - t0:.1f}s"
@@ -319,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.cpu_smoke,
         "budget_s": args.budget_s,
         "sonic_autotune": args.sonic_autotune,
+        "impls": list(args.impl or IMPLS),
+        "kernel_options": args.kernel_options or "the tile table's",
         "sonic_probe": {"seconds": probe_time, "result": sonic_reason or "ran"},
         "flops": "expert GEMMs only: 6 R d f forward, 12 R d f backward",
         "timing": "moe.perf.timing.measure: triton.testing.do_bench medians on CUDA, perf_counter on CPU",
@@ -350,11 +402,11 @@ def main(argv: list[str] | None = None) -> int:
             free(device)
         results["cases"] += rows_out
         print(summary(case, rows_out, time.perf_counter() - start), flush=True)
-        result = record("moe_layer", env, {"models": models}, settings, results)
-        path = save(result, "moe_layer", args.results_dir)
-    result = record("moe_layer", env, {"models": models}, settings, results)
-    path = save(result, "moe_layer", args.results_dir)
-    pngs = plot_models(result, path.parent)
+        result = record(name, env, {"models": models}, settings, results)
+        path = save(result, name, args.results_dir)
+    result = record(name, env, {"models": models}, settings, results)
+    path = save(result, name, args.results_dir)
+    pngs = plot_models(result, path.parent, name)
     print(f"wrote {path} and {len(pngs)} plots; {len(results['skipped'])} cases skipped")
     return status
 

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 
-def plot_models(result: dict, folder: Path) -> list[Path]:
-    """Write moe_layer_<model>.png into folder for every model with cases; returns the paths."""
+def plot_models(result: dict, folder: Path, stem: str = "moe_layer") -> list[Path]:
+    """Write <stem>_<model>.png into folder for every model with cases; returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,7 +51,7 @@ def plot_models(result: dict, folder: Path) -> list[Path]:
         )
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = Path(folder) / f"moe_layer_{re.sub(r'[^A-Za-z0-9_.-]+', '-', model)}.png"
+        path = Path(folder) / f"{stem}_{re.sub(r'[^A-Za-z0-9_.-]+', '-', model)}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)

@@ -19,6 +19,8 @@ Every configuration has the FIELDS; some kinds accept OPTIONAL_FIELDS, off when 
     "PERSISTENT" (rows, swiglu_up, int >= 1, off)  launch that many programs per SM, each looping over
                                             tiles in a flattened loop (schedule.py's tile_loops)
 They are opt-in: an entry carries them only when a tuning run measured them faster.
+`force_options` turns them on for every launch, over the table, so that a benchmark can
+measure them at real shapes before a tuning run has decided (bench/moe_layer.py --kernel-options).
 
 The JSON holds one section per GPU family (matched as a substring of the device
 name's slug, e.g. "h100" in "nvidia-h100-80gb-hbm3"; SECTION_ALIASES lends a
@@ -142,11 +144,37 @@ def _section_for(device_name: str) -> str:
     return section_for(device_name, load_table())
 
 
+_FORCED: dict = {}  # optional field -> value, over the table (force_options)
+
+
+def force_options(fields: dict) -> None:
+    """Every later launch of a kind that reads one of `fields` (OPTIONAL_FIELDS) takes its value,
+    whatever the table says; {} goes back to the table. Process-wide, for benchmarks."""
+    for field, value in fields.items():
+        kinds = OPTIONAL_FIELDS.get(field)
+        if kinds is None:
+            raise ValueError(f"unknown tile option {field!r}; expected one of {list(OPTIONAL_FIELDS)}")
+        problem = config_problem(f"{kinds[0]}/16bit/large", {**dict.fromkeys(FIELDS, 1), field: value})
+        if problem:
+            raise ValueError(problem)
+    _FORCED.clear()
+    _FORCED.update(fields)
+
+
+def forced_options() -> dict:
+    """The options force_options turned on ({} when the table decides)."""
+    return dict(_FORCED)
+
+
 def get_config(kind: str, dtype: torch.dtype, m: int, g: int, device: torch.device, interpret: bool) -> dict:
     """The tile configuration for one launch (a dict with the FIELDS, and maybe OPTIONAL_FIELDS)."""
     if interpret:
-        return INTERPRET_CONFIG
-    key = config_key(kind, dtype, m, g)
-    table = load_table()
-    section = table[_section_for(torch.cuda.get_device_name(device))]
-    return section.get(key) or table["default"][key]
+        cfg = INTERPRET_CONFIG
+    else:
+        key = config_key(kind, dtype, m, g)
+        table = load_table()
+        section = table[_section_for(torch.cuda.get_device_name(device))]
+        cfg = section.get(key) or table["default"][key]
+    if _FORCED:
+        cfg = {**cfg, **{f: v for f, v in _FORCED.items() if kind in OPTIONAL_FIELDS[f]}}
+    return cfg

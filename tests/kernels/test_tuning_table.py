@@ -101,3 +101,25 @@ def test_optional_fields_survive_a_rewrite_and_bad_ones_are_refused(tmp_path):
     bad.write_text(json.dumps({"default": {"dw/16bit/large": {**no_stages, "SPLIT": 2}}}))
     with pytest.raises(ValueError, match=r"default/dw/16bit/large: needs the fields .* missing \['num_stages'\]"):
         load_table(bad)
+
+
+def test_forced_options_reach_the_kinds_that_read_them_and_nothing_else():
+    from moe_kernels import tuning
+
+    device = torch.device("cpu")
+    try:
+        tuning.force_options({"TMA": True, "PERSISTENT": 2})
+        assert tuning.get_config("rows", torch.float16, 64, 4, device, True) == {
+            **tuning.INTERPRET_CONFIG,
+            "TMA": True,
+            "PERSISTENT": 2,
+        }
+        assert tuning.get_config("dw", torch.float16, 64, 4, device, True) == tuning.INTERPRET_CONFIG
+        for bad, problem in (({"PERSISTENT": 0}, "PERSISTENT must be"), ({"WARP_SPEC": 1}, "unknown tile option")):
+            with pytest.raises(ValueError, match=problem):
+                tuning.force_options(bad)
+        assert tuning.forced_options() == {"TMA": True, "PERSISTENT": 2}, "a refused call changes nothing"
+    finally:
+        tuning.force_options({})
+    assert tuning.forced_options() == {}
+    assert tuning.get_config("rows", torch.float16, 64, 4, device, True) == tuning.INTERPRET_CONFIG

@@ -71,6 +71,49 @@ def test_every_implementation_is_checked_then_timed_and_a_wrong_one_is_not_timed
     assert (result_file.parent / "moe_layer_smoke.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # a subprocess that runs the Triton kernels through the interpreter
+def test_forced_kernel_options_run_checked_and_are_saved_apart(tmp_path):
+    options = '{"TMA": true, "PERSISTENT": 1}'
+    proc = run_bench(tmp_path, "--cpu-smoke", "--impl", "ours-triton", "--kernel-options", options)
+    assert proc.returncode == 0, proc.stderr
+    (result_file,) = tmp_path.glob("*/moe_layer-persistent1-tma.json")
+    result = json.loads(result_file.read_text())
+    assert result["settings"]["kernel_options"] == {"TMA": True, "PERSISTENT": 1}
+    assert result["settings"]["impls"] == ["ours-triton"]
+    cases = result["results"]["cases"]
+    assert cases and {c["impl"] for c in cases} == {"ours-triton"}
+    assert all(c["status"] == "ok" and max(c["rel_err"].values()) < 1e-4 for c in cases)
+    assert not list(tmp_path.glob("*/moe_layer.json")), "the table's run is not overwritten"
+
+
+@pytest.mark.parametrize(
+    "flag, said",
+    [('{"PERSISTENT": 0}', "PERSISTENT must be an integer >= 1"), ('{"WARPS": 2}', "unknown tile option 'WARPS'")],
+)
+def test_bad_kernel_options_are_refused_in_one_line(tmp_path, capsys, flag, said):
+    assert moe_layer.main(["--cpu-smoke", "--kernel-options", flag, "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("--kernel-options: ") and said in err and err.count("\n") == 1
+    assert not list(tmp_path.rglob("*.json"))
+    with pytest.raises(SystemExit) as exit_:
+        moe_layer.parse(["--kernel-options", "[1, 2]"])
+    assert exit_.value.code == 2
+
+
+def test_forced_options_end_with_the_run(tmp_path):
+    from moe_kernels.tuning import forced_options
+
+    assert (
+        moe_layer.main(
+            ["--cpu-smoke", "--budget-s", "0", "--kernel-options", '{"SPLIT": 2}', "--results-dir", str(tmp_path)]
+        )
+        == 0
+    )
+    assert forced_options() == {}
+    (result_file,) = tmp_path.glob("*/moe_layer-split2.json")
+    assert json.loads(result_file.read_text())["settings"]["kernel_options"] == {"SPLIT": 2}
+
+
 def test_cases_past_the_time_budget_are_recorded_as_skipped(tmp_path):
     assert moe_layer.main(["--cpu-smoke", "--budget-s", "0", "--results-dir", str(tmp_path)]) == 0
     (result_file,) = tmp_path.glob("*/moe_layer.json")
