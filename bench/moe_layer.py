@@ -20,7 +20,10 @@ everything under test), relative error <= 2e-2; a wrong or failing one is record
 Then forward, backward (of the same graph, retained) and forward+backward are timed with
 triton.testing.do_bench (moe.perf.timing.measure; medians, few repeats on big shapes), the peak
 memory of one forward+backward is recorded, and TFLOP/s counts the expert GEMMs: 6 R d f forward,
-12 R d f backward, set against a dense bf16 torch.mm measured in the same run.
+12 R d f backward, set against a dense bf16 torch.mm measured in the same run, and against the
+case's roofline: its FLOPs at that peak or its compulsory bytes (weights, x, out and gradients;
+moe_layer_cases.compulsory_bytes) at the copy bandwidth measured in the same run, whichever is
+slower (<pass>_of_roofline; the case's "roofline" says which bound it is).
 
 Results: <results-dir>/<device>/moe_layer.json, saved after every case (a run stopped by a time
 limit keeps what it measured), and one PNG per model beside it (bench/moe_layer_plot.py).
@@ -54,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moe.device import pick_device  # noqa: E402
+from moe.perf.floor import measure_bandwidth  # noqa: E402
 from moe.perf.results import environment, record, save  # noqa: E402
 from moe.perf.timing import matmul_peak, measure, reset_peak_memory, synchronize  # noqa: E402
 
@@ -62,6 +66,7 @@ import moe_layer_peers as peers  # noqa: E402
 from moe_layer_cases import (  # noqa: E402
     ASSUMED_TFLOPS,
     MODELS,
+    PASS_FLOPS,
     QUICK_ROWS,
     ROWS,
     ZIPF_S,
@@ -71,6 +76,7 @@ from moe_layer_cases import (  # noqa: E402
     model_shape,
     reference,
     rel_err,
+    roofline,
     routing,
 )
 from moe_layer_plot import plot_models  # noqa: E402
@@ -164,7 +170,7 @@ def build_impls(case: Case, w_in: Tensor, w_out: Tensor, args, sonic_reason: str
     return impls
 
 
-def run_case(case: Case, device, dtype, args, sonic_reason: str, peak_tflops: float | None) -> list[dict]:
+def run_case(case: Case, device, dtype, args, sonic_reason: str, roofs: dict) -> list[dict]:
     torch.manual_seed(0)
     w_in, w_out = peers.canonical_weights(case.experts, case.d, case.f, device, dtype)
     idx, w = routing(case, device)
@@ -173,6 +179,11 @@ def run_case(case: Case, device, dtype, args, sonic_reason: str, peak_tflops: fl
     ref = reference(x, idx, w, w_in, w_out, g)
     load = torch.bincount(idx.flatten(), minlength=case.experts).float()
     base = {**case.__dict__, "tokens": case.tokens, "load_max_over_mean": (load.max() / load.mean()).item()}
+    peak_tflops, bytes_per_s = roofs.get("tflops"), roofs.get("bytes_per_s")
+    roof = None
+    if peak_tflops and bytes_per_s:
+        roof = roofline(case, int((load > 0).sum()), peak_tflops, bytes_per_s)
+        base["roofline"] = roof
     rows = []
     for impl in build_impls(case, w_in, w_out, args, sonic_reason):
         row = {**base, "impl": impl.name, "notes": impl.notes}
@@ -189,9 +200,11 @@ def run_case(case: Case, device, dtype, args, sonic_reason: str, peak_tflops: fl
                 continue
             impl.notes["routing_weight_grad"] = row["routing_weight_grad"]
             row.update(time_impl(impl, case, x, idx, w, g, device, args.cpu_smoke))
-            if peak_tflops:
-                for key in ("forward", "backward", "forward_backward"):
+            for key in PASS_FLOPS:
+                if peak_tflops:
                     row[f"{key}_of_peak"] = row[f"{key}_tflops"] / peak_tflops
+                if roof:
+                    row[f"{key}_of_roofline"] = row[f"{key}_tflops"] / roof[key]["bound_tflops"]
             row["status"] = "ok"
         except Exception as e:  # one failing implementation must not stop the others
             row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
@@ -350,6 +363,7 @@ def run(args) -> int:
     if args.commit:
         env["commit"] = args.commit
     peak = dense_peak(device, args.cpu_smoke)
+    bandwidth = copy_bandwidth(device, args.cpu_smoke)
     sonic_reason = probe_time = ""
     if args.impl and "sonicmoe" not in args.impl:
         sonic_reason = "not asked for (--impl)"
@@ -376,7 +390,8 @@ def run(args) -> int:
         "timing": "moe.perf.timing.measure: triton.testing.do_bench medians on CUDA, perf_counter on CPU",
         "planned_s": round(sum(estimate_s(c) for c in cases), 1),
     }
-    results: dict = {"dense_peak": peak, "cases": [], "skipped": []}
+    results: dict = {"dense_peak": peak, "bandwidth": bandwidth, "cases": [], "skipped": []}
+    roofs = {"tflops": peak and peak["tflops"], "bytes_per_s": bandwidth and bandwidth["bytes_per_s"]}
     path = None
     status = 0
     for case in cases:
@@ -387,7 +402,7 @@ def run(args) -> int:
             )
             continue
         try:
-            rows_out = run_case(case, device, dtype, args, sonic_reason, peak["tflops"] if peak else None)
+            rows_out = run_case(case, device, dtype, args, sonic_reason, roofs)
         except DeviceLost as e:  # save what there is and stop
             results["skipped"].append({**case.__dict__, "reason": str(e)[:300]})
             print(f"stopping: {e}", file=sys.stderr)
@@ -418,6 +433,15 @@ def dense_peak(device, smoke: bool) -> dict | None:
         return matmul_peak(device, "bf16", n=8192, warmup=3, repeats=10)
     except Exception as e:  # the comparison stands without it
         print(f"dense peak not measured: {e}", file=sys.stderr)
+        return None
+
+
+def copy_bandwidth(device, smoke: bool) -> dict | None:
+    """The memory side of the roofline: bytes/s of a large device copy (moe.perf.floor)."""
+    try:
+        return measure_bandwidth(device, nbytes=1 << 22 if smoke else None, warmup=1 if smoke else 3, repeats=10)
+    except Exception as e:  # the comparison stands without it
+        print(f"bandwidth not measured: {e}", file=sys.stderr)
         return None
 
 

@@ -1,5 +1,6 @@
 """What bench/moe_layer.py measures: the cases (per-GPU expert shapes of the full configs, routed
-rows, routing), their routing, and the fp32 reference every implementation is checked against.
+rows, routing), their routing, the fp32 reference every implementation is checked against, and
+the roofline each is held to.
 
 Legend: T = tokens, d = model dim, f = expert FFN dim, E = local experts, K = top-k,
 R = T*K routed rows.
@@ -84,6 +85,45 @@ def estimate_s(case: Case) -> float:
     on the big shapes) of forward (1), backward (2, after one forward) and forward+backward (3):
     ~76; four implementations and an fp32 reference (~6x slower): ~330. Plus ~3 s of fixed costs."""
     return 330 * case.gemm_flops / (ASSUMED_TFLOPS * 1e12) + 3.0
+
+
+# --------------------------------------------------------------------------- roofline
+
+PASS_FLOPS = {"forward": 1, "backward": 2, "forward_backward": 3}  # multiples of Case.gemm_flops
+
+
+def compulsory_bytes(case: Case, experts_used: int, elt: int = 2) -> dict[str, int]:
+    """Bytes to and from memory that no implementation of the pass can avoid, whatever it fuses:
+
+        forward   read x [T, d], the used experts' weights W (3 d f each) and the routing
+                  (fp32 weight and int64 index per routed row); write out [T, d]
+        backward  read W again (for dx) and write dW; read x (for dW_in) and dout, write dx;
+                  read the routing, write the routing weights' gradient
+    Intermediates ([R, f] activations, the saved z, permuted copies) are left out, so the bound
+    is one no real design reaches exactly: a lower bound on time, an upper bound on TFLOP/s."""
+    weights = experts_used * 3 * case.d * case.f * elt
+    act = case.tokens * case.d * elt
+    routing = case.rows * (4 + 8)
+    forward = weights + 2 * act + routing
+    backward = 2 * weights + 3 * act + routing + case.rows * 4
+    return {"forward": forward, "backward": backward, "forward_backward": forward + backward}
+
+
+def roofline(case: Case, experts_used: int, peak_tflops: float, bytes_per_s: float) -> dict[str, dict]:
+    """Per pass: the compulsory bytes, the time of its FLOPs at the dense peak and of its bytes at
+    the copy bandwidth (both measured in the same run), which one bounds it, and the TFLOP/s bound."""
+    out = {}
+    for key, nbytes in compulsory_bytes(case, experts_used).items():
+        flops = PASS_FLOPS[key] * case.gemm_flops
+        compute_s, memory_s = flops / (peak_tflops * 1e12), nbytes / bytes_per_s
+        out[key] = {
+            "bytes": nbytes,
+            "compute_s": compute_s,
+            "memory_s": memory_s,
+            "bound": "compute" if compute_s >= memory_s else "memory",
+            "bound_tflops": flops / max(compute_s, memory_s) / 1e12,
+        }
+    return out
 
 
 # --------------------------------------------------------------------------- routing and reference

@@ -1,5 +1,6 @@
 """One PNG per model from bench/moe_layer.py's JSON: grouped bars of forward+backward expert-GEMM
-TFLOP/s, implementations x shapes, with the dense bf16 torch.mm measured in the same run as a line.
+TFLOP/s, implementations x shapes, with the dense bf16 torch.mm measured in the same run as a line
+and each shape's roofline (that peak, or its compulsory bytes at the measured bandwidth) as a bar.
 
 An implementation that was unavailable, wrong or failed for a shape has no bar there; the legend
 says why for the whole model when it never ran.
@@ -37,6 +38,16 @@ def plot_models(result: dict, folder: Path, stem: str = "moe_layer") -> list[Pat
             values = [mine[s]["forward_backward_tflops"] if _ok(mine.get(s)) else 0.0 for s in shapes]
             label = impl if any(values) else f"{impl} ({_why_not(mine.values())})"
             ax.bar([j + i * width for j in range(len(shapes))], values, width, label=label[:70])
+        bounds = [_roof(rows, s) for s in shapes]
+        if any(bounds):  # the case's roofline: a short black bar over its group of bars
+            ax.hlines(
+                [b or float("nan") for b in bounds],
+                [j - width / 2 for j in range(len(shapes))],
+                [j + width * (len(impls) - 0.5) for j in range(len(shapes))],
+                color="black",
+                linewidth=2,
+                label="roofline (peak or compulsory bytes)",
+            )
         if peak:
             ax.axhline(
                 peak, color="black", linestyle="--", linewidth=1, label=f"dense {dense.get('dtype', '')} mm {peak:.3g}"
@@ -56,6 +67,14 @@ def plot_models(result: dict, folder: Path, stem: str = "moe_layer") -> list[Pat
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _roof(rows: list[dict], shape: tuple) -> float | None:
+    """The forward+backward roofline bound of the case `shape`, if the run measured one."""
+    for r in rows:
+        if (r["experts"], r["rows"], r["routing"]) == shape and r.get("roofline"):
+            return r["roofline"]["forward_backward"]["bound_tflops"]
+    return None
 
 
 def _rows(r: int) -> str:

@@ -55,6 +55,7 @@ def test_every_implementation_is_checked_then_timed_and_a_wrong_one_is_not_timed
             assert c["routing_weight_grad"] is True
             for key in TIMED:
                 assert c[key]["median_s"] > 0 and c[f"{key}_tflops"] > 0 and c[f"{key}_of_peak"] > 0
+                assert c[f"{key}_of_roofline"] > 0 and c["roofline"][key]["bound"] in ("compute", "memory")
     triton_ran = importlib.util.find_spec("triton") is not None
     if triton_ran:  # the interpreter ran the kernels: no "falls back to torch" warning
         assert all(not c["warnings"] for c in by_impl["ours-triton"])
@@ -65,7 +66,7 @@ def test_every_implementation_is_checked_then_timed_and_a_wrong_one_is_not_timed
         assert c["rel_err"]["out"] == pytest.approx(0.05, rel=1e-3)
         assert not any(key in c for key in TIMED)
 
-    assert result["results"]["dense_peak"]["tflops"] > 0
+    assert result["results"]["dense_peak"]["tflops"] > 0 and result["results"]["bandwidth"]["bytes_per_s"] > 0
     assert result["settings"]["tolerance"] == moe_layer.TOLERANCE and result["settings"]["smoke"] is True
     assert result["results"]["skipped"] == []
     assert (result_file.parent / "moe_layer_smoke.png").stat().st_size > 0
@@ -152,6 +153,24 @@ def test_shapes_come_from_the_full_configs():
     quick = moe_layer_cases.grid(shapes, moe_layer_cases.QUICK_ROWS, quick=True)
     assert {(c.model, c.experts) for c in quick} >= {("ling-1t", 32), ("mixtral-8x7b", 8)}
     assert sum(moe_layer_cases.estimate_s(c) for c in cases) < 300  # leaves room in `gpu_session.sh full`
+
+
+def test_roofline_counts_the_compulsory_bytes_and_takes_the_slower_side():
+    case = moe_layer_cases.Case("t", d=1024, f=512, experts=32, top_k=4, rows=4096, routing="balanced")
+    weights, act, routing = 32 * 3 * 1024 * 512 * 2, 1024 * 1024 * 2, 4096 * 12  # T = 1024 tokens
+    counted = moe_layer_cases.compulsory_bytes(case, experts_used=32)
+    assert counted["forward"] == weights + 2 * act + routing
+    assert counted["backward"] == 2 * weights + 3 * act + routing + 4096 * 4
+    assert counted["forward_backward"] == counted["forward"] + counted["backward"]
+    assert moe_layer_cases.compulsory_bytes(case, experts_used=8)["forward"] == counted["forward"] - weights * 3 // 4
+
+    flops = 6 * 4096 * 1024 * 512  # forward
+    fast_memory = moe_layer_cases.roofline(case, 32, peak_tflops=100.0, bytes_per_s=1e15)
+    assert fast_memory["forward"]["bound"] == "compute"
+    assert fast_memory["forward"]["bound_tflops"] == pytest.approx(100.0)
+    slow_memory = moe_layer_cases.roofline(case, 32, peak_tflops=100.0, bytes_per_s=1e9)
+    assert slow_memory["backward"]["bound"] == "memory"
+    assert slow_memory["forward"]["bound_tflops"] == pytest.approx(flops / (counted["forward"] / 1e9) / 1e12)
 
 
 @pytest.mark.parametrize("kind", ["balanced", "zipf"])
