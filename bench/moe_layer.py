@@ -384,7 +384,7 @@ def run(args) -> int:
         "budget_s": args.budget_s,
         "sonic_autotune": args.sonic_autotune,
         "impls": list(args.impl or IMPLS),
-        "kernel_options": args.kernel_options or "the tile table's",
+        "kernel_options": args.kernel_options,  # {}: the tile table decides
         "sonic_probe": {"seconds": probe_time, "result": sonic_reason or "ran"},
         "flops": "expert GEMMs only: 6 R d f forward, 12 R d f backward",
         "timing": "moe.perf.timing.measure: triton.testing.do_bench medians on CUDA, perf_counter on CPU",
@@ -417,9 +417,9 @@ def run(args) -> int:
             free(device)
         results["cases"] += rows_out
         print(summary(case, rows_out, time.perf_counter() - start), flush=True)
-        result = record(name, env, {"models": models}, settings, results)
+        result = record("moe_layer", env, {"models": models}, settings, results)
         path = save(result, name, args.results_dir)
-    result = record(name, env, {"models": models}, settings, results)
+    result = record("moe_layer", env, {"models": models}, settings, results)
     path = save(result, name, args.results_dir)
     pngs = plot_models(result, path.parent, name)
     print(f"wrote {path} and {len(pngs)} plots; {len(results['skipped'])} cases skipped")

@@ -42,7 +42,7 @@ import torch
 TABLE_PATH = Path(__file__).with_name("gemm_configs.json")
 KINDS = ("rows", "swiglu_up", "dw")
 FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-# optional field -> the kinds that read it (absent: SPLIT 1, TMA off, as the launchers read them)
+# optional field -> the kinds that read it (absent: SPLIT 1, TMA and PERSISTENT off, as the launchers read them)
 OPTIONAL_FIELDS = {"SPLIT": ("dw",), "TMA": ("rows", "swiglu_up"), "PERSISTENT": ("rows", "swiglu_up")}
 # a GPU without a section of its own uses the section of the same compute die: the H200 is
 # the H100's GH100 (same SMs, shared memory and registers per SM; more and faster HBM), so
