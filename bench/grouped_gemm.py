@@ -1,12 +1,13 @@
 """Grouped GEMM benchmark on one CUDA GPU: TFLOP/s of the moe kernels against torch.
 
 Shapes: M = routed rows on this GPU, K = in dim, N = out dim, E = local experts,
-        d = model dim, f = expert hidden dim (2048 for both models), T = tokens.
+        d = model dim, f = expert hidden dim, T = tokens.
 
-Cases, per model (Ling-1T d = 8192, DeepSeek-V3 d = 7168), per E in 8/16/32/64,
-per M in decode sizes (1, 8, 64 tokens x top-8 = 8, 64, 512 routed rows, all on
-this GPU's experts) and prefill/training sizes (4K, 16K, 64K routed rows),
-with balanced or Zipf-skewed expert loads:
+Cases, per model (d, f and top-k read from configs/full/: Ling-1T and DeepSeek-V3 by default,
+any of bench/moe_layer_cases.MODELS with --model), per E (8/16/32/64 local experts of a model
+too big for one GPU; the whole model's E where its experts fit, as in bench/moe_layer.py),
+per M in decode sizes (8, 64, 512 routed rows: 1, 8, 64 tokens at top-8) and prefill/training
+sizes (4K, 16K, 64K routed rows), with balanced or Zipf-skewed expert loads:
 
   grouped_mm   up projection [M, d] x [E, d, 2f] and down projection [M, f] x [E, f, d],
                forward and backward (dA + dB), four implementations:
@@ -47,17 +48,32 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-MODELS = {"ling-1t": {"d": 8192, "f": 2048}, "deepseek-v3": {"d": 7168, "f": 2048}}
-EXPERTS = (8, 16, 32, 64)
+from moe_layer_cases import MODELS, local_experts, model_shape  # noqa: E402
+
+DEFAULT_MODELS = ("ling-1t", "deepseek-v3")
+EXPERTS = (8, 16, 32, 64)  # local experts of a model too big for one GPU
 ROWS = (8, 64, 512, 4096, 16384, 65536)  # decode: 1, 8, 64 tokens x top-8; then prefill/training
 QUICK = {"models": ("ling-1t",), "experts": (8, 32), "rows": (64, 4096)}
 ROUTINGS = ("balanced", "zipf")
 DEVICE, DTYPE = "cuda", torch.bfloat16
-TOP_K = 8  # routed rows per token (both models route each token to 8 experts)
 ZIPF_S = 1.2  # expert load ~ 1 / rank**s
 TOLERANCE = 1e-2  # bf16 relative error vs the fp32 reference
 WARMUP_MS, REP_MS = 25, 100
+
+
+def model_shapes(names) -> dict[str, dict]:
+    """name -> d, f, top_k and the local expert counts to run, from the full config."""
+    shapes = {}
+    for name in names:
+        shape = model_shape(name)
+        whole = local_experts(shape) == (shape["experts_total"],)
+        shape["experts"] = (
+            (shape["experts_total"],) if whole else tuple(e for e in EXPERTS if e < shape["experts_total"])
+        )
+        shapes[name] = shape
+    return shapes
 
 
 def refuse_without_gpu() -> None:
@@ -111,8 +127,10 @@ def eager_loop(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Ten
     return torch.cat(parts)
 
 
-def grouped_mm_case(moe_kernels, model: str, proj: str, experts: int, rows: int, routing: str) -> list[dict]:
-    d, f = MODELS[model]["d"], MODELS[model]["f"]
+def grouped_mm_case(
+    moe_kernels, model: str, shape: dict, proj: str, experts: int, rows: int, routing: str
+) -> list[dict]:
+    d, f = shape["d"], shape["f"]
     k, n = (d, 2 * f) if proj == "up" else (f, d)
     counts = group_counts(rows, experts, routing)
     offs = offsets(counts)
@@ -179,18 +197,27 @@ def torch_expert_ffn(x, w_in, w_out, offs, row_token, row_slot, num_slots):
     return x.new_zeros(num_slots, x.shape[1]).index_copy(0, row_slot, y_rows)  # scatter
 
 
-def expert_ffn_case(moe_kernels, model: str, experts: int, rows: int, routing: str) -> list[dict]:
-    d, f = MODELS[model]["d"], MODELS[model]["f"]
+def expert_ffn_case(moe_kernels, model: str, shape: dict, experts: int, rows: int, routing: str) -> list[dict]:
+    d, f, top_k = shape["d"], shape["f"], min(shape["top_k"], experts)
     counts = group_counts(rows, experts, routing)
     offs = offsets(counts)
-    tokens = math.ceil(rows / TOP_K)
+    tokens = math.ceil(rows / top_k)
     flops = {"forward": 6 * rows * d * f, "backward": 12 * rows * d * f}
     case = dict(
-        op="expert_ffn", model=model, proj="ffn", experts=experts, rows=rows, routing=routing, K=d, N=f, counts=counts
+        op="expert_ffn",
+        model=model,
+        proj="ffn",
+        experts=experts,
+        rows=rows,
+        routing=routing,
+        K=d,
+        N=f,
+        top_k=top_k,
+        counts=counts,
     )
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     row_slot = torch.randperm(rows, device=DEVICE, generator=gen)  # row r (sorted by expert) -> its slot
-    row_token = row_slot // TOP_K
+    row_token = row_slot // top_k
 
     def inputs():
         x = torch.randn(tokens, d, device=DEVICE, dtype=DTYPE, requires_grad=True)
@@ -271,7 +298,6 @@ def environment(args) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick,
         "dtype": "bfloat16",
-        "top_k": TOP_K,
         "zipf_s": ZIPF_S,
         "tolerance": TOLERANCE,
         "timing": f"triton.testing.do_bench median, warmup {WARMUP_MS} ms, rep {REP_MS} ms, "
@@ -279,10 +305,24 @@ def environment(args) -> dict:
     }
 
 
+def cases_of(shapes: dict[str, dict], sizes, quick: bool) -> list[tuple[str, int, int, str]]:
+    """(model, local experts, routed rows, routing) of every case; --quick keeps QUICK's expert
+    counts where the model has them (else its first), and one routing where top-k = E makes them equal."""
+    cases = []
+    for model, shape in shapes.items():
+        experts = [e for e in shape["experts"] if not quick or e in QUICK["experts"]] or list(shape["experts"][:1])
+        for e, m in itertools.product(experts, sizes):
+            routings = ROUTINGS if min(shape["top_k"], e) < e else ("balanced",)
+            cases += [(model, e, m, routing) for routing in routings]
+    return cases
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run: one model, 2 expert counts, 2 sizes")
-    parser.add_argument("--model", choices=sorted(MODELS), action="append", help="only these models")
+    parser.add_argument(
+        "--model", choices=MODELS, action="append", help=f"only these models (default {', '.join(DEFAULT_MODELS)})"
+    )
     parser.add_argument("--op", choices=("grouped_mm", "expert_ffn"), action="append", help="only these ops")
     parser.add_argument("--commit", help="commit to record when the checkout has no .git")
     parser.add_argument("--out", type=Path, help="results directory (default bench/results/<gpu-slug>)")
@@ -311,8 +351,7 @@ def main(argv=None) -> None:
         tune_and_write(args.tune_kind, args.commit or git_commit(), *([args.table] if args.table else []))
         return
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references are true fp32
-    models = args.model or (QUICK["models"] if args.quick else tuple(MODELS))
-    experts = QUICK["experts"] if args.quick else EXPERTS
+    shapes = model_shapes(args.model or (QUICK["models"] if args.quick else DEFAULT_MODELS))
     sizes = QUICK["rows"] if args.quick else ROWS
     ops = args.op or ("grouped_mm", "expert_ffn")
     out_dir = args.out or ROOT / "bench" / "results" / device_slug(torch.cuda.get_device_name(0))
@@ -320,12 +359,12 @@ def main(argv=None) -> None:
     path = out_dir / "grouped_gemm.json"
     env = environment(args)
     results = []
-    for model, e, m, routing in itertools.product(models, experts, sizes, ROUTINGS):
+    for model, e, m, routing in cases_of(shapes, sizes, args.quick):
         cases = [(grouped_mm_case, (proj, e, m, routing)) for proj in ("up", "down") if "grouped_mm" in ops]
         cases += [(expert_ffn_case, (e, m, routing))] if "expert_ffn" in ops else []
         for run_case, case_args in cases:
             try:
-                rows_done = run_case(moe_kernels, model, *case_args)
+                rows_done = run_case(moe_kernels, model, shapes[model], *case_args)
             except torch.cuda.OutOfMemoryError:
                 rows_done = [
                     {
