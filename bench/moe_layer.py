@@ -7,10 +7,11 @@ R = T*K routed rows.
 Shapes (bench/moe_layer_cases.py): the per-GPU expert shapes of every full config (read from configs/full/): Ling-1T,
 DeepSeek-V3, Qwen3-30B-A3B, Mixtral 8x7B, OLMoE and Ling-flash by default, any other with
 --model. Local experts: the config's full E where its experts fit in 8 GiB (the fine-grained
-models), else 8 and 32 (expert parallelism over 32 or 8 GPUs). Rows 4K, 16K and 64K; routing
-balanced (every expert gets R/E rows) or skewed (each token draws its K experts without
-replacement with probability ~ 1 / rank^1.2; the load's max/mean is recorded). Where K = E the
-two are the same routing, and only the balanced one runs.
+models), else 8 and 32 (expert parallelism over 32 or 8 GPUs). First the shape a published anchor
+was measured at (moe_layer_cases.ANCHOR_ROWS: Qwen3-30B-A3B's experts at 32K tokens), then rows
+4K, 16K and 64K; routing balanced (every expert gets R/E rows) or skewed (each token draws its K
+experts without replacement with probability ~ 1 / rank^1.2; the load's max/mean is recorded).
+Where K = E the two are the same routing, and only the balanced one runs.
 
 Every implementation takes (x [T, d], topk_idx [T, K], topk_weight [T, K]) and returns the weighted
 sum [T, d] (bench/moe_layer_peers.py). Per case, correctness first: each one's bf16 output and the
@@ -358,7 +359,7 @@ def run(args) -> int:
         dtype = torch.bfloat16
         models = {name: model_shape(name) for name in args.model or MODELS}
         rows = tuple(args.rows or (QUICK_ROWS if args.quick else ROWS))
-    cases = grid(models, rows, args.quick)
+    cases = grid(models, rows, args.quick, anchors=not (args.rows or args.quick or args.cpu_smoke))
     env = environment(device)
     if args.commit:
         env["commit"] = args.commit

@@ -153,6 +153,11 @@ def test_shapes_come_from_the_full_configs():
     quick = moe_layer_cases.grid(shapes, moe_layer_cases.QUICK_ROWS, quick=True)
     assert {(c.model, c.experts) for c in quick} >= {("ling-1t", 32), ("mixtral-8x7b", 8)}
     assert sum(moe_layer_cases.estimate_s(c) for c in cases) < 300  # leaves room in `gpu_session.sh full`
+    # the published anchor's shape first: Liger's E 128, d 2048, f 768, top-8, 32K tokens
+    anchored = moe_layer_cases.grid(shapes, moe_layer_cases.ROWS, quick=False, anchors=True)
+    assert anchored[1:] == cases
+    first = anchored[0]
+    assert (first.experts, first.d, first.f, first.top_k, first.tokens) == (128, 2048, 768, 8, 32768)
 
 
 def test_roofline_counts_the_compulsory_bytes_and_takes_the_slower_side():
