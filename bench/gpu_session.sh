@@ -6,7 +6,8 @@
 #   COMMIT=... OUT=... bash bench/gpu_session.sh full      # moe_ffn's kernel tests, moe_layer on every shape (each
 #                                                          case checked first), then `moe calibrate` of every full
 #                                                          config: < 8 min (start here)
-#   COMMIT=... OUT=... bash bench/gpu_session.sh options   # ours-triton at the quick shapes with TMA, PERSISTENT and
+#   COMMIT=... OUT=... bash bench/gpu_session.sh options   # ours-triton at the quick shapes (the Liger anchor's, then
+#                                                          16K rows of every model) with TMA, PERSISTENT and
 #                                                          both forced on (~3-4 min; right after full: same machine)
 #   COMMIT=... OUT=... bash bench/gpu_session.sh gemm      # grouped_gemm on every shape (~7 min)
 #   COMMIT=... OUT=... bash bench/gpu_session.sh calibrate # bench/run_all.py: mirrors and `moe calibrate` of every full config
