@@ -17,8 +17,9 @@
 #
 # The machine has no network and no .git: the project runs from PYTHONPATH, the commit comes
 # from $COMMIT. Each step has its own time limit so that one hung step cannot eat the call;
-# logs and results go under $OUT/session/ and are packed into $OUT/session.tar.gz at the end
-# (the device tool returns only a few files).
+# logs and results go under $WORK/session/ and are packed into $OUT/session.tar.gz after every step:
+# the device tool returns at most 8 files from $OUT, none deeper than 2 folders, and a call cut
+# short by the device's time still returns what its finished steps wrote.
 #
 # SonicMoE (quick, full) is not on the machine: where the call carries `.whl` (the wheels of
 # sonic-moe, quack-kernels, nvidia-cutlass-dsl, apache-tvm-ffi, torch-c-dlpack-ext, and the
@@ -29,12 +30,17 @@ set -u
 what=${1:-check}
 OUT=${OUT:-/tmp/gpu-session}
 COMMIT=${COMMIT:-unknown}
-dir=$OUT/session
-mkdir -p "$dir/results"
+WORK=${WORK:-/tmp/gpu-session-$what}  # one per mode: a second call on a warm machine packs only its own
+dir=$WORK/session
+mkdir -p "$dir/results" "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 py=python3
 
-step() {  # step NAME SECONDS CMD...: run, log to $dir/NAME.log, print its tail
+pack() {  # everything so far into $OUT/session.tar.gz (built beside, then copied in whole)
+  tar -C "$WORK" -czf "$WORK/session.tar.gz" session && cp "$WORK/session.tar.gz" "$OUT/session.tar.gz"
+}
+
+step() {  # step NAME SECONDS CMD...: run, log to $dir/NAME.log, print its tail, pack
   local name=$1 limit=$2 start rc
   shift 2
   echo "== $name (limit ${limit}s)"
@@ -43,6 +49,7 @@ step() {  # step NAME SECONDS CMD...: run, log to $dir/NAME.log, print its tail
   rc=$?
   echo "-- $name: exit $rc after $(( $(date +%s) - start ))s"
   tail -n "${TAIL:-12}" "$dir/$name.log"
+  pack
 }
 
 install_wheels() {  # the carried wheels and archives into /tmp/site, which then goes on PYTHONPATH
@@ -92,7 +99,7 @@ options)  # the opt-in Hopper options at real shapes, before a tuning run decide
   # baseline. Each case is checked against the fp32 reference before it is timed (test_persistent.py runs in check)
   for opts in '{"TMA": true}' '{"PERSISTENT": 1}' '{"TMA": true, "PERSISTENT": 1}'; do
     tag=$(echo "$opts" | tr -cd 'A-Za-z')
-    step "options_$tag" "${OPTIONS_LIMIT:-80}" $py bench/moe_layer.py --quick --impl ours-triton --kernel-options "$opts" \
+    step "options_$tag" "${OPTIONS_LIMIT:-90}" $py bench/moe_layer.py --quick --impl ours-triton --kernel-options "$opts" \
       --commit "$COMMIT" --results-dir "$dir/results"
   done
   ;;
@@ -116,4 +123,4 @@ tune)  # tune KINDS (default: every kind) in place, keep the table, then time th
   echo "unknown mode '$what': check, quick, full, options, gemm, calibrate, infer or tune" >&2
   ;;
 esac
-tar -C "$OUT" -czf "$OUT/session.tar.gz" session && echo "packed $(du -h "$OUT/session.tar.gz" | cut -f1) into session.tar.gz"
+pack && echo "packed $(du -h "$OUT/session.tar.gz" | cut -f1) into session.tar.gz"
