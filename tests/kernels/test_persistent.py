@@ -1,7 +1,7 @@
 """The "PERSISTENT" tile option: fewer programs than tiles, each looping over tiles, gives
 bitwise the results of one program per tile, and matches the float64 reference.
 
-Under the interpreter a device has runtime.INTERPRETER_SMS (2) SMs, so PERSISTENT 1 launches two
+Under the interpreter a device has schedule.INTERPRETER_SMS (2) SMs, so PERSISTENT 1 launches two
 programs that each take every other tile of the groups' loop and then of the tail's; the cases
 have empty groups, rows past offs[-1] (the tail, written as zeros) and dims that are no block
 multiple. On a GPU the same test runs with the device's SM count (a grid that may cover every tile:
