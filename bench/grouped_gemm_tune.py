@@ -1,8 +1,10 @@
 """Tile-config sweep for the GEMM kernels: `python bench/grouped_gemm.py --tune`.
 
-Shapes: M = routed rows, E = experts (8), d = 8192, f = 2048 (Ling-1T's expert
-shapes), n_in = 2f; rows per expert pick the shape class (see moe_kernels/tuning.py):
-decode 16, small 128, large 4096.
+Shapes: M = routed rows, E = experts, d = model dim, f = expert hidden dim, n_in = 2f; the
+problems come in the two expert shapes at the ends of the full configs (SHAPES): Ling-1T's
+expert-parallel share (E 8, d 8192, f 2048) and Qwen3-30B-A3B's whole fine-grained layer (E 128,
+d 2048, f 768), so that one table entry serves both. Rows per expert pick the shape class (see
+moe_kernels/tuning.py): decode 16, small 128, large 4096 (Ling-1T) or 2048 (Qwen3: 32K tokens).
 
 For each bf16 (16-bit) shape class of each kernel kind, every candidate config
 that fits in shared memory is compiled, checked against the current table's
@@ -12,7 +14,8 @@ representative problems below; the fastest in total wins:
     rows       [M, d] x [E, d, 2f] (up projection) and [M, f] x [E, f, d] (down)
     swiglu_up  the expert FFN up kernel: gather, two accumulators, SwiGLU epilogue
     dw         dB of both projections: [M, d]^T [M, 2f] and [M, f]^T [M, d] per expert,
-               and the up projection's dB again with skewed routing (expert 0 holds half the rows)
+               and (Ling-1T's shape) the up projection's dB again with skewed routing (expert 0
+               holds half the rows)
 
 Then the opt-in options of the kind (OPTIONS: SPLIT 2 and 4 for dw; TMA, PERSISTENT 1 and both
 for rows and swiglu_up; see moe_kernels/tuning.py) are tried on the TOP_TILES fastest tile configs;
@@ -38,9 +41,13 @@ from moe_kernels.gemm_dw import launch_dw
 from moe_kernels.gemm_rows import launch_rows
 from moe_kernels.tuning import TABLE_PATH, device_family, dump_table, get_config, load_table, section_for
 
-D, F, E = 8192, 2048, 8
 DEVICE, DTYPE = "cuda", torch.bfloat16
-ROWS_PER_GROUP = {"decode": 16, "small": 128, "large": 4096}
+# (E, d, f, rows per expert by shape class): the two ends of the full configs (module doc)
+SHAPES = (
+    (8, 8192, 2048, {"decode": 16, "small": 128, "large": 4096}),
+    (128, 2048, 768, {"decode": 16, "small": 128, "large": 2048}),
+)
+E, _, _, ROWS_PER_GROUP = SHAPES[0]  # the class of a launch: rows per group as the table reads it
 SMEM_LIMIT = 200 * 1024  # H100: 227 KB per block; keep room for the epilogue's layout conversions
 TOLERANCE = 1e-2
 # opt-in fields worth trying per kind (each on the fastest tile configs; default values are implied)
@@ -79,29 +86,38 @@ def candidates(kind: str, cls: str) -> list[dict]:
 
 def problems(kind: str, cls: str) -> list:
     """Closures `run(config) -> output` on the representative problems of a class."""
-    m = E * ROWS_PER_GROUP[cls]
-    offs = torch.full((E,), ROWS_PER_GROUP[cls], dtype=torch.int32, device=DEVICE).cumsum(0).to(torch.int32)
+    runs = []
+    for e, d, f, rows_per_group in SHAPES:
+        runs += shape_problems(kind, e, d, f, rows_per_group[cls], skewed=e == SHAPES[0][0])
+    return runs
+
+
+def shape_problems(kind: str, e: int, d: int, f: int, rows_per_group: int, skewed: bool) -> list:
+    """The problems of one expert shape: E experts of `rows_per_group` rows each (module doc)."""
+    m = e * rows_per_group
+    offs = torch.full((e,), rows_per_group, dtype=torch.int32, device=DEVICE).cumsum(0).to(torch.int32)
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, device=DEVICE) * scale).to(DTYPE)
 
     runs = []
     if kind == "rows":
-        for k, n in ((D, 2 * F), (F, D)):
-            a, b, c = rand(m, k), rand(E, k, n, scale=k**-0.5), torch.empty(m, n, device=DEVICE, dtype=DTYPE)
+        for k, n in ((d, 2 * f), (f, d)):
+            a, b, c = rand(m, k), rand(e, k, n, scale=k**-0.5), torch.empty(m, n, device=DEVICE, dtype=DTYPE)
             runs.append(lambda cfg, a=a, b=b, c=c: (launch_rows(a, b, c, offs, m, config=cfg), c)[1])
     elif kind == "swiglu_up":
-        x, w_in = rand(m, D), rand(E, D, 2 * F, scale=D**-0.5)
+        x, w_in = rand(m, d), rand(e, d, 2 * f, scale=d**-0.5)
         row_token = torch.randperm(m, device=DEVICE)
-        h, z = (torch.empty(m, n, device=DEVICE, dtype=DTYPE) for n in (F, 2 * F))
+        h, z = (torch.empty(m, n, device=DEVICE, dtype=DTYPE) for n in (f, 2 * f))
         runs.append(lambda cfg: (launch_up(x, w_in, offs, row_token, h, z, "swiglu", config=cfg), h)[1])
     else:
-        # expert 0 holds half the rows, the other experts share the rest: the case SPLIT is for
-        skew = [m // 2] + [m // 2 // (E - 1)] * (E - 1)
-        skew[0] += m - sum(skew)
-        offs_skew = torch.tensor(skew, device=DEVICE).cumsum(0).to(torch.int32)
-        for k, n, o in ((D, 2 * F, offs), (F, D, offs), (D, 2 * F, offs_skew)):
-            a, dy, out = rand(m, k), rand(m, n), torch.empty(E, k, n, device=DEVICE, dtype=DTYPE)
+        problems = [(d, 2 * f, offs), (f, d, offs)]
+        if skewed:  # expert 0 holds half the rows, the other experts share the rest: the case SPLIT is for
+            skew = [m // 2] + [m // 2 // (e - 1)] * (e - 1)
+            skew[0] += m - sum(skew)
+            problems.append((d, 2 * f, torch.tensor(skew, device=DEVICE).cumsum(0).to(torch.int32)))
+        for k, n, o in problems:
+            a, dy, out = rand(m, k), rand(m, n), torch.empty(e, k, n, device=DEVICE, dtype=DTYPE)
             runs.append(lambda cfg, a=a, dy=dy, out=out, o=o: (launch_dw(a, dy, out, o, m, config=cfg), out)[1])
     return runs
 
