@@ -16,15 +16,15 @@ Where K = E the two are the same routing, and only the balanced one runs.
 Every implementation takes (x [T, d], topk_idx [T, K], topk_weight [T, K]) and returns the weighted
 sum [T, d] (bench/moe_layer_peers.py). Per case, correctness first: each one's bf16 output and the
 gradients of sum(out * g) for a fixed random g (input, both expert weights, routing weights where it
-supports them) against an fp32 reference (a plain loop over experts in this file, independent of
-everything under test), relative error <= 2e-2; a wrong or failing one is recorded, not timed.
-Then forward, backward (of the same graph, retained) and forward+backward are timed with
-triton.testing.do_bench (moe.perf.timing.measure; medians, few repeats on big shapes), the peak
-memory of one forward+backward is recorded, and TFLOP/s counts the expert GEMMs: 6 R d f forward,
-12 R d f backward, set against a dense bf16 torch.mm measured in the same run, and against the
-case's roofline: its FLOPs at that peak or its compulsory bytes (weights, x, out and gradients;
-moe_layer_cases.compulsory_bytes) at the copy bandwidth measured in the same run, whichever is
-slower (<pass>_of_roofline; the case's "roofline" says which bound it is).
+supports them) against an fp32 reference (a plain loop over experts in bench/moe_layer_cases.py,
+independent of everything under test), relative error <= 2e-2; a wrong or failing one is recorded,
+not timed. Then (bench/moe_layer_measure.py) forward, backward (of the same graph, retained) and
+forward+backward are timed with triton.testing.do_bench (moe.perf.timing.measure; medians, few
+repeats on big shapes), the peak memory of one forward+backward is recorded, and TFLOP/s counts the
+expert GEMMs: 6 R d f forward, 12 R d f backward, set against a dense bf16 torch.mm measured in the
+same run, and against the case's roofline: its FLOPs at that peak or its compulsory bytes (weights,
+x, out and gradients; moe_layer_cases.compulsory_bytes) at the copy bandwidth measured in the same
+run, whichever is slower (<pass>_of_roofline; the case's "roofline" says which bound it is).
 
 Results: <results-dir>/<device>/moe_layer.json, saved after every case (a run stopped by a time
 limit keeps what it measured), and one PNG per model beside it (bench/moe_layer_plot.py).
@@ -48,7 +48,6 @@ import subprocess
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 import torch
@@ -58,14 +57,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moe.device import pick_device  # noqa: E402
-from moe.perf.floor import measure_bandwidth  # noqa: E402
 from moe.perf.results import environment, record, save  # noqa: E402
-from moe.perf.timing import matmul_peak, measure, reset_peak_memory, synchronize  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moe_layer_peers as peers  # noqa: E402
 from moe_layer_cases import (  # noqa: E402
-    ASSUMED_TFLOPS,
     MODELS,
     PASS_FLOPS,
     QUICK_ROWS,
@@ -76,81 +72,15 @@ from moe_layer_cases import (  # noqa: E402
     grid,
     model_shape,
     reference,
-    rel_err,
     roofline,
     routing,
 )
+from moe_layer_measure import check, copy_bandwidth, dense_peak, time_impl  # noqa: E402
 from moe_layer_plot import plot_models  # noqa: E402
 
 IMPLS = ("ours-triton", "ours-torch", "transformers", "sonicmoe")
 TOLERANCE = 2e-2  # bf16 relative error against fp32
-TARGET_TIMING_S = 0.2  # do_bench's measured time per figure, about
 SMOKE = {"name": "smoke", "d": 48, "f": 24, "E": 4, "K": 2, "rows": (32,)}
-
-
-# --------------------------------------------------------------------------- one implementation
-
-
-def check(impl: peers.Impl, x: Tensor, idx: Tensor, w: Tensor, g: Tensor, ref: dict, device) -> dict:
-    """One forward+backward: relative errors, peak memory, first-call time (compiles included), warnings."""
-    xb, wb = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    synchronize(device)
-    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    reset_peak_memory(device)
-    start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = impl.forward(xb, idx, wb)
-        grads = torch.autograd.grad(out, (xb, *impl.weights, wb), g, allow_unused=True)
-        synchronize(device)
-    first_s = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
-    dx, d_weights, dw = grads[0], grads[1:-1], grads[-1]
-    dw_in, dw_out = impl.to_ours(d_weights)
-    errors = {"out": rel_err(out, ref["out"]), "dx": rel_err(dx, ref["dx"])}
-    errors |= {"dw_in": rel_err(dw_in, ref["dw_in"]), "dw_out": rel_err(dw_out, ref["dw_out"])}
-    errors["d_routing_weight"] = None if dw is None else rel_err(dw, ref["d_routing_weight"])
-    return {
-        "rel_err": errors,
-        "routing_weight_grad": dw is not None,
-        "peak_memory_bytes": peak,
-        "first_call_s": first_s,
-        "warnings": sorted({str(c.message)[:200] for c in caught}),
-    }
-
-
-def time_impl(impl: peers.Impl, case: Case, x: Tensor, idx: Tensor, w: Tensor, g: Tensor, device, smoke: bool) -> dict:
-    """do_bench medians of forward, backward (the retained graph of one forward) and forward+backward."""
-    routing_grad = impl.notes.get("routing_weight_grad", True)
-    xb, wb = x.detach().requires_grad_(), w.detach().requires_grad_(routing_grad)
-    inputs = (xb, *impl.weights) + ((wb,) if routing_grad else ())
-    est = 3 * case.gemm_flops / (ASSUMED_TFLOPS * 1e12)
-    n = 1 if smoke else max(3, min(10, round(TARGET_TIMING_S / max(est, 1e-9))))
-    warmup = 0 if smoke else 1
-
-    def forward():
-        return impl.forward(xb, idx, wb)
-
-    def step():
-        return torch.autograd.grad(forward(), inputs, g, allow_unused=True)
-
-    out = {"forward": measure(forward, device, warmup, n).to_dict()}
-    graph = forward()
-    try:
-        out["backward"] = measure(
-            lambda: torch.autograd.grad(graph, inputs, g, retain_graph=True, allow_unused=True), device, warmup, n
-        ).to_dict()
-        out["backward_how"] = "autograd.grad on one retained forward graph"
-    except RuntimeError as e:  # a backward that cannot run twice: derive it below
-        out["backward_how"] = f"forward_backward - forward ({type(e).__name__}: {str(e)[:120]})"
-    graph = None  # frees the retained graph before the next measurement
-    out["forward_backward"] = measure(step, device, warmup, n).to_dict()
-    if "backward" not in out:
-        median = max(out["forward_backward"]["median_s"] - out["forward"]["median_s"], 1e-12)
-        out["backward"] = {"median_s": median, "derived": True}
-    for key, flops in (("forward", 1), ("backward", 2), ("forward_backward", 3)):
-        out[f"{key}_tflops"] = flops * case.gemm_flops / out[key]["median_s"] / 1e12
-    return out
 
 
 # --------------------------------------------------------------------------- one case
@@ -427,25 +357,6 @@ def run(args) -> int:
     pngs = plot_models(result, path.parent, name)
     print(f"wrote {path} and {len(pngs)} plots; {len(results['skipped'])} cases skipped")
     return status
-
-
-def dense_peak(device, smoke: bool) -> dict | None:
-    try:
-        if smoke:
-            return matmul_peak(device, "fp32", n=128, warmup=1, repeats=3)
-        return matmul_peak(device, "bf16", n=8192, warmup=3, repeats=10)
-    except Exception as e:  # the comparison stands without it
-        print(f"dense peak not measured: {e}", file=sys.stderr)
-        return None
-
-
-def copy_bandwidth(device, smoke: bool) -> dict | None:
-    """The memory side of the roofline: bytes/s of a large device copy (moe.perf.floor)."""
-    try:
-        return measure_bandwidth(device, nbytes=1 << 22 if smoke else None, warmup=1 if smoke else 3, repeats=10)
-    except Exception as e:  # the comparison stands without it
-        print(f"bandwidth not measured: {e}", file=sys.stderr)
-        return None
 
 
 def free(device) -> None:

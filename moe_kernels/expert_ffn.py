@@ -88,11 +88,30 @@ def _expert_ffn_backward_op(
     activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [T, d], dw_in [E, d, n_in], dw_out [E, f, d]) of expert_ffn, given dy [num_slots, d]."""
+    return ffn_backward(dy, row_slot, x, w_in, w_out, offs, row_token, z, activation)
+
+
+def ffn_backward(
+    dy: torch.Tensor,
+    dy_rows: torch.Tensor,
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    offs: torch.Tensor,
+    row_token: torch.Tensor,
+    z: torch.Tensor,
+    activation: str,
+    row_weight: torch.Tensor | None = None,
+    ds: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernels 3-7 (module doc), shared with moe_ffn: (dx, dw_in, dw_out) from dy, whose row r is
+    dy[dy_rows[r]]; with row_weight (moe_ffn) the rows are weighted and ds [R] gets their gradient."""
     r, f = row_token.numel(), w_out.shape[1]
     dz, h = torch.empty_like(z), x.new_empty(r, f)
-    launch_act_backward(dy, w_out, offs, row_slot, z, dz, h, activation)
+    launch_act_backward(dy, w_out, offs, dy_rows, z, dz, h, activation, row_weight=row_weight, ds=ds)
     dw_out = torch.empty_like(w_out)
-    launch_dw(h, dy, dw_out, offs, r, dy_rows=row_slot)
+    launch_dw(h, dy, dw_out, offs, r, dy_rows=dy_rows)
+    del h  # free before the next [R, *] buffer
     dw_in = torch.empty_like(w_in)
     launch_dw(x, dz, dw_in, offs, r, a_rows=row_token)
     dx_rows = x.new_empty(r, x.shape[1])

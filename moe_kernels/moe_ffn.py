@@ -35,10 +35,10 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .ffn_kernels import launch_act_backward, launch_up
-from .gemm_dw import launch_dw
+from .expert_ffn import ffn_backward
+from .ffn_kernels import launch_up
 from .gemm_rows import launch_rows
-from .permute import sum_rows_by_token, token_rows
+from .permute import sum_rows_by_token
 
 
 @torch.library.custom_op("moe_kernels::moe_ffn", mutates_args=())
@@ -61,7 +61,7 @@ def _moe_ffn_op(
     y = x.new_empty(r, d)
     launch_rows(h, w_out, y, offs, r)
     del h  # free before the sum: the forward's peak is x, y and z
-    return sum_rows_by_token(y, row_token, t, token_rows(row_token, t)), z
+    return sum_rows_by_token(y, row_token, t), z
 
 
 @_moe_ffn_op.register_fake
@@ -83,18 +83,11 @@ def _moe_ffn_backward_op(
     activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [T, d], dw_in, dw_out, d_row_weight [R]) of moe_ffn, given dout [T, d]."""
-    r, f = row_token.numel(), w_out.shape[1]
-    dz, h = torch.empty_like(z), x.new_empty(r, f)
-    ds = torch.zeros(r, device=x.device, dtype=torch.float32)
-    launch_act_backward(dout, w_out, offs, row_token, z, dz, h, activation, row_weight=row_weight, ds=ds)
-    dw_out = torch.empty_like(w_out)
-    launch_dw(h, dout, dw_out, offs, r, dy_rows=row_token)
-    del h
-    dw_in = torch.empty_like(w_in)
-    launch_dw(x, dz, dw_in, offs, r, a_rows=row_token)
-    dx_rows = x.new_empty(r, x.shape[1])
-    launch_rows(dz, w_in.transpose(1, 2), dx_rows, offs, r)
-    return sum_rows_by_token(dx_rows, row_token, x.shape[0]), dw_in, dw_out, ds.to(row_weight.dtype)
+    ds = torch.zeros(row_token.numel(), device=x.device, dtype=torch.float32)  # stays 0 where f == 0
+    dx, dw_in, dw_out = ffn_backward(
+        dout, row_token, x, w_in, w_out, offs, row_token, z, activation, row_weight=row_weight, ds=ds
+    )
+    return dx, dw_in, dw_out, ds.to(row_weight.dtype)
 
 
 @_moe_ffn_backward_op.register_fake

@@ -54,16 +54,8 @@ def token_rows(row_token: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, 
     return order, bounds
 
 
-def sum_rows_by_token(
-    rows: torch.Tensor,
-    row_token: torch.Tensor,
-    num_tokens: int,
-    grouping: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """[T, d]: out[t] = sum of rows[r] over r with row_token[r] == t, in a fixed order.
-
-    grouping: token_rows(row_token, num_tokens) where the caller already has it (moe_ffn sums
-    twice with the same rows: its output in the forward, dx in the backward)."""
+def sum_rows_by_token(rows: torch.Tensor, row_token: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[T, d]: out[t] = sum of rows[r] over r with row_token[r] == t, in a fixed order."""
     r, d = rows.shape
     out = rows.new_empty(num_tokens, d)
     if num_tokens == 0 or d == 0:
@@ -71,7 +63,7 @@ def sum_rows_by_token(
     if r == 0:
         return out.zero_()
     require_runnable(rows.device, rows.dtype)
-    order, bounds = grouping if grouping is not None else token_rows(row_token, num_tokens)
+    order, bounds = token_rows(row_token, num_tokens)
     block_d = 32 if interpreting() else min(1024, triton.next_power_of_2(d))
     grid = (num_tokens, triton.cdiv(d, block_d))
     sum_rows_kernel[grid](

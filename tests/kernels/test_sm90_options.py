@@ -17,15 +17,12 @@ to see each variant's shared memory and MMA / copy instructions.
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
 # Ling-1T-like sizes: d = 8192, f = 2048, 8 local experts, 32K routed rows
 M, D, F, E = 32768, 8192, 2048, 8
 TMA_COPY, WGMMA = "cp.async.bulk.tensor", "wgmma.mma_async"
@@ -239,9 +236,9 @@ def main() -> int:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests launch the kernels for real")
 @pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="no CUDA backend in triton")
 def test_hopper_options_build_for_sm90_with_tma_and_wgmma():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    from test_sm90_build import run_compiled
+
+    done = run_compiled(__file__)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     assert done.stdout.count("\n") == 1 + len(variants()), done.stdout
 
