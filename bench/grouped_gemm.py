@@ -52,6 +52,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from moe_layer_cases import MODELS, local_experts, model_shape  # noqa: E402
 
+from moe_kernels.tuning import KINDS  # noqa: E402
+
 DEFAULT_MODELS = ("ling-1t", "deepseek-v3")
 EXPERTS = (8, 16, 32, 64)  # local experts of a model too big for one GPU
 ROWS = (8, 64, 512, 4096, 16384, 65536)  # decode: 1, 8, 64 tokens x top-8; then prefill/training
@@ -327,9 +329,7 @@ def parse_args(argv=None):
     parser.add_argument("--commit", help="commit to record when the checkout has no .git")
     parser.add_argument("--out", type=Path, help="results directory (default bench/results/<gpu-slug>)")
     parser.add_argument("--tune", action="store_true", help="sweep tile configs; rewrite moe_kernels/gemm_configs.json")
-    parser.add_argument(
-        "--tune-kind", action="append", choices=("rows", "swiglu_up", "dw"), help="with --tune: only these kernel kinds"
-    )
+    parser.add_argument("--tune-kind", action="append", choices=KINDS, help="with --tune: only these kernel kinds")
     parser.add_argument(
         "--table",
         type=Path,

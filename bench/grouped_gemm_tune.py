@@ -13,12 +13,14 @@ representative problems below; the fastest in total wins:
 
     rows       [M, d] x [E, d, 2f] (up projection) and [M, f] x [E, f, d] (down)
     swiglu_up  the expert FFN up kernel: gather, two accumulators, SwiGLU epilogue
+    act_backward  the expert FFN dh kernel (moe_ffn's): gathered dy [M, d] x w_out^T [E, d, f],
+               SwiGLU backward epilogue that reads z [M, 2f] and the routing weights
     dw         dB of both projections: [M, d]^T [M, 2f] and [M, f]^T [M, d] per expert,
                and (Ling-1T's shape) the up projection's dB again with skewed routing (expert 0
                holds half the rows)
 
 Then the opt-in options of the kind (OPTIONS: SPLIT 2 and 4 for dw; TMA, PERSISTENT 1 and both
-for rows and swiglu_up; see moe_kernels/tuning.py) are tried on the TOP_TILES fastest tile configs;
+for the row-tiled kinds; see moe_kernels/tuning.py) are tried on the TOP_TILES fastest tile configs;
 an option enters the table only if it wins (absent fields mean SPLIT 1, TMA and PERSISTENT off).
 
 The winners replace this GPU family's section of the table (fp32 classes keep the
@@ -36,10 +38,19 @@ import torch
 import triton
 import triton.testing
 
-from moe_kernels.ffn_kernels import launch_up
+from moe_kernels.ffn_kernels import launch_act_backward, launch_up
 from moe_kernels.gemm_dw import launch_dw
 from moe_kernels.gemm_rows import launch_rows
-from moe_kernels.tuning import TABLE_PATH, device_family, dump_table, get_config, load_table, section_for
+from moe_kernels.tuning import (
+    KINDS,
+    ROW_KINDS,
+    TABLE_PATH,
+    device_family,
+    dump_table,
+    get_config,
+    load_table,
+    section_for,
+)
 
 DEVICE, DTYPE = "cuda", torch.bfloat16
 # (E, d, f, rows per expert by shape class): the two ends of the full configs (module doc)
@@ -52,7 +63,7 @@ SMEM_LIMIT = 200 * 1024  # H100: 227 KB per block; keep room for the epilogue's 
 TOLERANCE = 1e-2
 # opt-in fields worth trying per kind (each on the fastest tile configs; default values are implied)
 ROW_OPTIONS = [{"TMA": True}, {"PERSISTENT": 1}, {"TMA": True, "PERSISTENT": 1}]
-OPTIONS = {"rows": ROW_OPTIONS, "swiglu_up": ROW_OPTIONS, "dw": [{"SPLIT": 2}, {"SPLIT": 4}]}
+OPTIONS = {**dict.fromkeys(ROW_KINDS, ROW_OPTIONS), "dw": [{"SPLIT": 2}, {"SPLIT": 4}]}
 TOP_TILES = 3
 
 
@@ -110,6 +121,14 @@ def shape_problems(kind: str, e: int, d: int, f: int, rows_per_group: int, skewe
         row_token = torch.randperm(m, device=DEVICE)
         h, z = (torch.empty(m, n, device=DEVICE, dtype=DTYPE) for n in (f, 2 * f))
         runs.append(lambda cfg: (launch_up(x, w_in, offs, row_token, h, z, "swiglu", config=cfg), h)[1])
+    elif kind == "act_backward":
+        dy, w_out, z = rand(m, d), rand(e, f, d, scale=d**-0.5), rand(m, 2 * f)
+        dy_rows = torch.randperm(m, device=DEVICE)
+        weight, ds = torch.rand(m, device=DEVICE), torch.empty(m, device=DEVICE)
+        dz, h = torch.empty_like(z), torch.empty(m, f, device=DEVICE, dtype=DTYPE)
+        runs.append(
+            lambda cfg: (launch_act_backward(dy, w_out, offs, dy_rows, z, dz, h, "swiglu", weight, ds, cfg), dz)[1]
+        )
     else:
         problems = [(d, 2 * f, offs), (f, d, offs)]
         if skewed:  # expert 0 holds half the rows, the other experts share the rest: the case SPLIT is for
@@ -166,7 +185,7 @@ def tune_and_write(kinds: list[str] | None, commit: str, out_path: Path = TABLE_
     entries = dict(table.get(section) or (table[in_use] if in_use != "default" else {}))
     provenance = dict(table.get("_provenance", {}))
     tuned = list(provenance.get(section, {}).get("tuned", []))
-    for kind in kinds or ("rows", "swiglu_up", "dw"):
+    for kind in kinds or KINDS:
         for cls in ROWS_PER_GROUP:
             best, ms = tune_class(kind, cls)
             entries[f"{kind}/16bit/{cls}"] = best

@@ -21,8 +21,9 @@ Both tile (R, f): for swiglu, a program owns hidden columns [n0, n0 + BLOCK_N)
 of the gate *and* of the up half (columns f + n0...), so the activation is
 elementwise within the tile. The up kernel then carries two accumulators that
 share each A tile (one load of x for two products). A program sees BLOCK_N of the f
-columns, so ds comes out as one partial sum per column tile, [cdiv(f, BLOCK_N), R] in
-fp32, which the launcher sums in a fixed order (no atomics: deterministic).
+columns and runs its epilogue on each half of them (ffn_epilogues.py), so ds comes out as one
+partial sum per half tile, [2 cdiv(f, BLOCK_N), R] in fp32, which the launcher sums in a fixed
+order (no atomics: deterministic).
 
 What fusion saves: the gathered x[row_token] [R, d] and dy[dy_rows] [R, d]
 copies are never written; z is read back by no separate activation pass; dz and
@@ -37,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import gelu, gelu_backward, swiglu, swiglu_backward
+from .ffn_epilogues import act_backward_halves, up_epilogue, up_halves
 from .gemm_rows import b_descriptor, dot_precision, mma_loop, mma_loop_tma, row_index
 from .runtime import interpreting, require_runnable
 from .schedule import group_block, max_row_tiles, num_programs, row_tile, tail_tile, tile_loops
@@ -191,9 +192,9 @@ def ffn_up_kernel(
             )
         else:
             acc = mma_loop(acc, a_ptrs, row_mask, stride_xk, w_cols, col_mask, stride_wk, D, BLOCK_K, EVEN_K, PRECISION)
-        up_epilogue(
-            acc, acc_up, rows, row_mask, cols, col_mask, h_ptr, z_ptr, row_weight_ptr, F,
-            stride_hm, stride_hn, stride_zm, stride_zn, ACTIVATION, STORE_Z,
+        up_halves(
+            acc, acc_up, rows, row_mask, n0, h_ptr, z_ptr, row_weight_ptr, F,
+            stride_hm, stride_hn, stride_zm, stride_zn, ACTIVATION, STORE_Z, BLOCK_M, BLOCK_N,
         )  # fmt: skip
     for tile in tl.range(tail_first, tail_end, step):  # rows of no group: zeros, act(0) = 0
         rows, row_mask, cols, col_mask, _ = tail_tile(tile - group_tiles, tail_start, R, F, BLOCK_M, BLOCK_N)
@@ -202,42 +203,6 @@ def ffn_up_kernel(
             zeros, zeros, rows, row_mask, cols, col_mask, h_ptr, z_ptr, row_weight_ptr, F,
             stride_hm, stride_hn, stride_zm, stride_zn, ACTIVATION, STORE_Z,
         )  # fmt: skip
-
-
-@triton.jit
-def up_epilogue(
-    acc,
-    acc_up,
-    rows,
-    row_mask,
-    cols,
-    col_mask,
-    h_ptr,
-    z_ptr,
-    row_weight_ptr,
-    F,
-    stride_hm,
-    stride_hn,
-    stride_zm,
-    stride_zn,
-    ACTIVATION: tl.constexpr,
-    STORE_Z: tl.constexpr,
-):
-    """h = s * act(z) of one tile, and z itself (STORE_Z), from the accumulators z = (acc, acc_up)."""
-    if ACTIVATION == "swiglu":
-        h = swiglu(acc, acc_up)
-    else:
-        h = gelu(acc)
-    if row_weight_ptr is not None:  # moe_ffn: weight the row before the down projection
-        h *= tl.load(row_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-    rows64 = rows.to(tl.int64)
-    mask = row_mask[:, None] & col_mask[None, :]
-    tl.store(h_ptr + rows64[:, None] * stride_hm + cols[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
-    if STORE_Z:
-        z_ptrs = z_ptr + rows64[:, None] * stride_zm + cols[None, :] * stride_zn
-        tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=mask)
-        if ACTIVATION == "swiglu":
-            tl.store(z_ptrs + F * stride_zn, acc_up.to(z_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -295,65 +260,17 @@ def ffn_act_backward_kernel(
         else:
             w_cols = w_ptr + g.to(tl.int64) * stride_wg + cols[None, :] * stride_wn
             dh = mma_loop(dh, a_ptrs, row_mask, stride_dyk, w_cols, col_mask, stride_wk, D, BLOCK_K, EVEN_K, PRECISION)
-        act_backward_epilogue(
-            dh, rows, row_mask, cols, col_mask, tile_n, z_ptr, dz_ptr, h_ptr, row_weight_ptr, ds_ptr, R, F,
-            stride_zm, stride_zn, stride_dzm, stride_dzn, stride_hm, stride_hn, ACTIVATION, BLOCK_M,
+        act_backward_halves(
+            dh, rows, row_mask, tile_n, z_ptr, dz_ptr, h_ptr, row_weight_ptr, ds_ptr, R, F,
+            stride_zm, stride_zn, stride_dzm, stride_dzn, stride_hm, stride_hn, ACTIVATION, BLOCK_M, BLOCK_N,
         )  # fmt: skip
     for tile in tl.range(tail_first, tail_end, step):  # rows of no group: dh = 0, hence dz = 0
-        rows, row_mask, cols, col_mask, tile_n = tail_tile(tile - group_tiles, tail_start, R, F, BLOCK_M, BLOCK_N)
+        rows, row_mask, _, _, tile_n = tail_tile(tile - group_tiles, tail_start, R, F, BLOCK_M, BLOCK_N)
         zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        act_backward_epilogue(
-            zeros, rows, row_mask, cols, col_mask, tile_n, z_ptr, dz_ptr, h_ptr, row_weight_ptr, ds_ptr, R, F,
-            stride_zm, stride_zn, stride_dzm, stride_dzn, stride_hm, stride_hn, ACTIVATION, BLOCK_M,
+        act_backward_halves(
+            zeros, rows, row_mask, tile_n, z_ptr, dz_ptr, h_ptr, row_weight_ptr, ds_ptr, R, F,
+            stride_zm, stride_zn, stride_dzm, stride_dzn, stride_hm, stride_hn, ACTIVATION, BLOCK_M, BLOCK_N,
         )  # fmt: skip
-
-
-@triton.jit
-def act_backward_epilogue(
-    dh,
-    rows,
-    row_mask,
-    cols,
-    col_mask,
-    tile_n,
-    z_ptr,
-    dz_ptr,
-    h_ptr,
-    row_weight_ptr,
-    ds_ptr,
-    R,
-    F,
-    stride_zm,
-    stride_zn,
-    stride_dzm,
-    stride_dzn,
-    stride_hm,
-    stride_hn,
-    ACTIVATION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """dz, h = s * act(z) and this column tile's share of ds of one tile, from dh and the saved z."""
-    rows64 = rows.to(tl.int64)
-    mask = row_mask[:, None] & col_mask[None, :]
-    z_ptrs = z_ptr + rows64[:, None] * stride_zm + cols[None, :] * stride_zn
-    dz_ptrs = dz_ptr + rows64[:, None] * stride_dzm + cols[None, :] * stride_dzn
-    z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
-    weight = tl.full((BLOCK_M,), 1.0, tl.float32)
-    if row_weight_ptr is not None:
-        weight = tl.load(row_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    # the activation's backward is linear in dh: pass s * dh, get act'(z) * s * dh
-    if ACTIVATION == "swiglu":
-        up = tl.load(z_ptrs + F * stride_zn, mask=mask, other=0.0).to(tl.float32)
-        dgate, dup, h = swiglu_backward(z, up, dh * weight[:, None])
-        tl.store(dz_ptrs, dgate.to(dz_ptr.dtype.element_ty), mask=mask)
-        tl.store(dz_ptrs + F * stride_dzn, dup.to(dz_ptr.dtype.element_ty), mask=mask)
-    else:
-        dz, h = gelu_backward(z, dh * weight[:, None])
-        tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-    if ds_ptr is not None:  # this column tile's share of ds[r] = <dh[r], act(z[r])>, unweighted
-        tl.store(ds_ptr + tile_n.to(tl.int64) * R + rows64, tl.sum(dh * h, axis=1), mask=row_mask)
-    h *= weight[:, None]  # dW_out needs the weighted h the down projection read
-    tl.store(h_ptr + rows64[:, None] * stride_hm + cols[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_args(
@@ -442,21 +359,25 @@ def launch_act_backward(
     activation: str,
     row_weight: torch.Tensor | None = None,
     ds: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> None:
     """Fill dz [R, n_in] and h [R, f] from dy [*, d] (row r reads dy[dy_rows[r]]), w_out [E, f, d]
     and z [R, n_in]. With row_weight [R] (moe_ffn), dz and h are those of the weighted rows and
-    ds [R] (fp32, written in place) gets the gradient of each row's weight."""
+    ds [R] (fp32, written in place) gets the gradient of each row's weight. `config` overrides
+    the tuning table (bench/grouped_gemm_tune.py sweeps it)."""
     r, f = h.shape
     e, d = w_out.shape[0], w_out.shape[2]
     if r == 0 or f == 0:
         return
     require_runnable(dy.device, dy.dtype)
     w_t = w_out.transpose(1, 2)  # [E, d, f], a view: dh = dy_perm @ w_out^T
-    grid, meta, cfg = _launch_args("rows", dy, r, f, e, d)
+    grid, meta, cfg = _launch_args("act_backward", dy, r, f, e, d, config)
     desc = b_descriptor(w_t, cfg)  # w_t = w_out^T: the descriptor of w_out, tiles transposed in the kernel
     # one partial sum of ds per column tile, summed below in a fixed order
     ds_parts = (
-        None if ds is None else torch.empty(triton.cdiv(f, meta["BLOCK_N"]), r, device=dy.device, dtype=torch.float32)
+        None
+        if ds is None
+        else torch.empty(2 * triton.cdiv(f, meta["BLOCK_N"]), r, device=dy.device, dtype=torch.float32)
     )
     ffn_act_backward_kernel[grid](
         dy,

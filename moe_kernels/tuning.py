@@ -5,8 +5,12 @@ Shapes: M = rows, G = groups, rows per group = M / G (known from shapes, no sync
 A configuration is chosen per launch by (kernel kind, dtype class, shape class):
 
     kind         "rows"       row GEMMs with one accumulator (grouped_mm forward and dA,
-                              the expert FFN's down projection, its dh and dx GEMMs, gelu up)
+                              the expert FFN's down projection, its dx GEMM, gelu up)
                  "swiglu_up"  the expert FFN's up projection: two accumulators (gate, up)
+                 "act_backward"  the expert FFN's dh GEMM with the activation's backward in its
+                              epilogue, which loads z's tiles and holds several fp32 tiles: its
+                              registers run out at tiles a plain row GEMM fills well (128 x 256
+                              spills on sm_90 even in halves; see ffn_kernels.column_halves)
                  "dw"         weight gradients: one program per (group, K tile, N tile),
                               BLOCK_M rows reduced per step, a BLOCK_K x BLOCK_N output tile
     dtype class  "16bit" (fp16, bf16) or "fp32"
@@ -14,10 +18,10 @@ A configuration is chosen per launch by (kernel kind, dtype class, shape class):
 
 Every configuration has the FIELDS; some kinds accept OPTIONAL_FIELDS, off when absent:
     "SPLIT" (dw, int >= 1, default 1)       split each group's rows over SPLIT programs (gemm_dw.py)
-    "TMA"   (rows, swiglu_up, bool, false)  load B (and a row GEMM's A) through tensor descriptors
+    "TMA"   (row-tiled kinds, bool, false)  load B (and a row GEMM's A) through tensor descriptors
                                             (gemm_rows.py, ffn_kernels.py)
-    "PERSISTENT" (rows, swiglu_up, int >= 1, off)  launch that many programs per SM, each looping over
-                                            tiles in a flattened loop (schedule.py's tile_loops)
+    "PERSISTENT" (row-tiled kinds, int >= 1, off)  launch that many programs per SM, each looping
+                                            over tiles in a flattened loop (schedule.py's tile_loops)
 They are opt-in: an entry carries them only when a tuning run measured them faster.
 `force_options` turns them on for every launch, over the table, so that a benchmark can
 measure them at real shapes before a tuning run has decided (bench/moe_layer.py --kernel-options).
@@ -40,10 +44,11 @@ from pathlib import Path
 import torch
 
 TABLE_PATH = Path(__file__).with_name("gemm_configs.json")
-KINDS = ("rows", "swiglu_up", "dw")
+ROW_KINDS = ("rows", "swiglu_up", "act_backward")  # one program per (row tile, column tile)
+KINDS = (*ROW_KINDS, "dw")
 FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 # optional field -> the kinds that read it (absent: SPLIT 1, TMA and PERSISTENT off, as the launchers read them)
-OPTIONAL_FIELDS = {"SPLIT": ("dw",), "TMA": ("rows", "swiglu_up"), "PERSISTENT": ("rows", "swiglu_up")}
+OPTIONAL_FIELDS = {"SPLIT": ("dw",), "TMA": ROW_KINDS, "PERSISTENT": ROW_KINDS}
 # a GPU without a section of its own uses the section of the same compute die: the H200 is
 # the H100's GH100 (same SMs, shared memory and registers per SM; more and faster HBM), so
 # tiles that fit and win on one fit on the other. A tuned "h200" section, once written, wins.
@@ -166,15 +171,18 @@ def forced_options() -> dict:
     return dict(_FORCED)
 
 
+def table_config(key: str, section: str) -> dict:
+    """The configuration of `key` in a section of the table, or the "default" section's where it has none."""
+    table = load_table()
+    return table.get(section, {}).get(key) or table["default"][key]
+
+
 def get_config(kind: str, dtype: torch.dtype, m: int, g: int, device: torch.device, interpret: bool) -> dict:
     """The tile configuration for one launch (a dict with the FIELDS, and maybe OPTIONAL_FIELDS)."""
     if interpret:
         cfg = INTERPRET_CONFIG
     else:
-        key = config_key(kind, dtype, m, g)
-        table = load_table()
-        section = table[_section_for(torch.cuda.get_device_name(device))]
-        cfg = section.get(key) or table["default"][key]
+        cfg = table_config(config_key(kind, dtype, m, g), _section_for(torch.cuda.get_device_name(device)))
     if _FORCED:
         cfg = {**cfg, **{f: v for f, v in _FORCED.items() if kind in OPTIONAL_FIELDS[f]}}
     return cfg

@@ -1,7 +1,8 @@
 """Every kernel variant compiles for an H100 (sm_90) with the real Triton compiler.
 
 The interpreter runs the kernels' Python semantics only; layouts, tl.dot on bf16,
-pipelining and register limits are checked by the GPU compiler. Triton can build
+pipelining and register limits are checked by the GPU compiler (and ptxas, whose -v
+report gives the bytes each variant spills to local memory). Triton can build
 a cubin without a GPU (ptxas ships with it), so CI compiles every variant the
 launchers produce, with the H100 table's tile configurations and the argument
 specialisation a launch at MoE sizes would get (unit strides constant, pointers
@@ -12,8 +13,10 @@ see each variant's shared memory and MMA instructions.
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -23,6 +26,10 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 # Ling-1T-like sizes: d = 8192, f = 2048, 8 local experts, 32K routed rows
 M, D, F, E = 32768, 8192, 2048, 8
+# bytes per thread a hot kernel may spill: a few scalars (triton 3.6 spills 4-28 at some of the
+# tuned tiles), never a share of a tile (one 128 x 128 fp32 tile is 256 bytes per thread of 8
+# warps; the dh kernel at the row GEMM's 128 x 256 tiles spilled 8,772)
+SPILL_LIMIT = 64
 
 
 def _rows(dt, k, n, b_transposed=False, scatter=False):
@@ -180,19 +187,19 @@ def variants():
             ffn_act_backward_kernel,
             *_act_backward(2 * F),
             {**gemm, "ACTIVATION": "swiglu"},
-            "rows/16bit/large",
+            "act_backward/16bit/large",
         ),
         "moe_ffn dh + swiglu backward + ds": (
             ffn_act_backward_kernel,
             *_act_backward(2 * F, weighted=True),
             {**gemm, "ACTIVATION": "swiglu"},
-            "rows/16bit/large",
+            "act_backward/16bit/large",
         ),
         "ffn dh + gelu backward": (
             ffn_act_backward_kernel,
             *_act_backward(F),
             {**gemm, "ACTIVATION": "gelu"},
-            "rows/16bit/small",
+            "act_backward/16bit/small",
         ),
         "dx token sum": (
             sum_rows_kernel,
@@ -236,17 +243,35 @@ def compile_sm90(kernel, pointers: dict, ints: dict, constexprs: dict, cfg: dict
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def spill_stores(ptx: str) -> int:
+    """Bytes per thread that ptxas spills to local memory when it assembles `ptx` for sm_90a
+    (its -v report), with the ptxas the installed Triton builds sm_90 with."""
+    from triton.backends.nvidia import compiler
+
+    ptxas = compiler.get_ptxas(90).path  # triton 3.9 ships two, per arch
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        log = subprocess.run(
+            [ptxas, "-v", "--gpu-name=sm_90a", str(src), "-o", str(src.with_suffix(".cubin"))],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
+
+
 def build(name: str) -> str:
-    """Compile one variant for sm_90 as a launch would specialise it; '' or a summary line."""
-    from moe_kernels.tuning import load_table
+    """Compile one variant for sm_90 as a launch would specialise it; a summary line."""
+    from moe_kernels.tuning import table_config
 
     kernel, pointers, ints, constexprs, key = variants()[name]
-    table = load_table()
-    cfg = (table["h100"].get(key) or table["default"][key]) if key else {"num_warps": 4, "num_stages": 2}
+    cfg = table_config(key, "h100") if key else {"num_warps": 4, "num_stages": 2}
     compiled = compile_sm90(kernel, pointers, ints, constexprs, cfg)
     ptx = compiled.asm["ptx"]
     mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "no mma"
-    return f"{name:34s} {key or '-':24s} shared {compiled.metadata.shared:6d} B  {mma}"
+    shared, spilled = compiled.metadata.shared, spill_stores(ptx)
+    return f"{name:34s} {key or '-':26s} shared {shared:6d} B  spills {spilled:5d} B  {mma}"
 
 
 def run_compiled(script: str) -> subprocess.CompletedProcess:
@@ -269,11 +294,13 @@ def test_every_kernel_builds_for_sm90():
     done = run_compiled(__file__)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     # the hot kernels (16-bit tiles of 64+ rows per group) must lower to Hopper's warpgroup MMA,
-    # not to the Ampere mma.sync that sm_90 also runs at a fraction of the rate
+    # not to the Ampere mma.sync that sm_90 also runs at a fraction of the rate, and keep their
+    # tiles in registers: a spill to local memory costs an L1 round trip per value, in every tile
     lines = [line for line in done.stdout.splitlines() if "16bit/large" in line or "16bit/small" in line]
     assert len(lines) >= 10, done.stdout
     for line in lines:
         assert line.rstrip().endswith("wgmma"), line
+        assert int(re.search(r"spills +(\d+) B", line).group(1)) <= SPILL_LIMIT, line
 
 
 if __name__ == "__main__":

@@ -89,18 +89,17 @@ def variants():
     from moe_kernels.ffn_kernels import ffn_act_backward_kernel, ffn_up_kernel
     from moe_kernels.gemm_dw import grouped_dw_kernel, sum_splits_kernel
     from moe_kernels.gemm_rows import grouped_rows_kernel
-    from moe_kernels.tuning import load_table
-
-    h100 = load_table()["h100"]
+    from moe_kernels.tuning import table_config
 
     def tiles(key):
-        return h100[key]["BLOCK_K"], h100[key]["BLOCK_N"]
+        return table_config(key, "h100")["BLOCK_K"], table_config(key, "h100")["BLOCK_N"]
 
     def row_tiles(key):
-        return h100[key]["BLOCK_M"], *tiles(key)
+        return table_config(key, "h100")["BLOCK_M"], *tiles(key)
 
     gemm = {"BLOCK_G": 16, "EVEN_K": True, "PRECISION": "ieee"}
     large, decode, small = "rows/16bit/large", "rows/16bit/decode", "rows/16bit/small"
+    dh = "act_backward/16bit/large"
     return {
         "grouped_mm forward bf16, TMA": (
             grouped_rows_kernel,
@@ -146,9 +145,9 @@ def variants():
         ),
         "moe_ffn dh + ds, TMA of w_out^T": (
             ffn_act_backward_kernel,
-            *_ffn("dh", *tiles(large)),
+            *_ffn("dh", *tiles(dh)),
             {**gemm, "ACTIVATION": "swiglu"},
-            large,
+            dh,
             (WGMMA, TMA_COPY),
         ),
         "grouped_mm forward bf16, PERSISTENT": (
@@ -176,7 +175,7 @@ def variants():
             ffn_act_backward_kernel,
             *_act_backward(2 * F, weighted=True),
             {**gemm, "ACTIVATION": "swiglu", "PERSISTENT": True},
-            large,
+            dh,
             (WGMMA, FLATTENED),
         ),
         "grouped_mm dB bf16, SPLIT": (
@@ -206,17 +205,20 @@ def variants():
 
 def build(name: str) -> tuple[str, list[str]]:
     """Compile one variant for sm_90; (summary line, missing required instructions)."""
-    from test_sm90_build import compile_sm90
+    from test_sm90_build import compile_sm90, spill_stores
 
-    from moe_kernels.tuning import load_table
+    from moe_kernels.tuning import table_config
 
     kernel, pointers, ints, constexprs, key, required = variants()[name]
-    cfg = load_table()["h100"][key] if key else {"num_warps": 4, "num_stages": 2}
+    cfg = table_config(key, "h100") if key else {"num_warps": 4, "num_stages": 2}
     compiled = compile_sm90(kernel, pointers, ints, constexprs, cfg)
     ptx = compiled.asm["ptx"]
     found = sorted(set(re.findall(r"\b(wgmma\.mma_async|mma\.sync|cp\.async\.bulk\.tensor\.\w+)", ptx)))
     missing = [ins for ins in required if not (flattened(compiled.asm["ttgir"]) if ins == FLATTENED else ins in ptx)]
-    line = f"{name:40s} {key or '-':18s} shared {compiled.metadata.shared:6d} B  {', '.join(found) or 'no mma'}"
+    line = (
+        f"{name:40s} {key or '-':24s} shared {compiled.metadata.shared:6d} B  spills {spill_stores(ptx):5d} B  "
+        f"{', '.join(found) or 'no mma'}"
+    )
     return line, missing
 
 

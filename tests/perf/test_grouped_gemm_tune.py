@@ -15,14 +15,14 @@ import grouped_gemm_tune as tune  # noqa: E402
 from moe_kernels.tuning import INTERPRET_CONFIG  # noqa: E402
 
 
-@pytest.mark.parametrize("kind, count", [("rows", 4), ("swiglu_up", 2), ("dw", 5)])
+@pytest.mark.parametrize("kind, count", [("rows", 4), ("swiglu_up", 2), ("act_backward", 2), ("dw", 5)])
 def test_every_kind_has_problems_in_both_shapes_and_they_run(monkeypatch, kind, count):
     monkeypatch.setattr(tune, "DEVICE", "cpu")
     monkeypatch.setattr(tune, "DTYPE", torch.float32)
     # the real shapes' structure (8 coarse experts, many fine ones) at sizes the interpreter runs
     monkeypatch.setattr(tune, "SHAPES", ((3, 40, 24, {"small": 8}), (6, 32, 16, {"small": 5})))
     runs = tune.problems(kind, "small")
-    assert len(runs) == count  # two projections per shape, and dw's skewed case on the first
+    assert len(runs) == count  # per shape: two projections (rows, dw) or one kernel; dw: a skewed case on the first
     for run in runs:
         out = run(INTERPRET_CONFIG)
         assert torch.isfinite(out).all() and out.abs().sum() > 0
