@@ -184,7 +184,7 @@ def act_backward_epilogue(
     else:
         dz, h = gelu_backward(z, dh * weight[:, None])
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-    if ds_ptr is not None:  # this column tile's share of ds[r] = <dh[r], act(z[r])>, unweighted
+    if ds_ptr is not None:  # this tile's share of ds[r] = <dh[r], act(z[r])>, unweighted
         tl.store(ds_ptr + ds_slot.to(tl.int64) * R + rows64, tl.sum(dh * h, axis=1), mask=row_mask)
     h *= weight[:, None]  # dW_out needs the weighted h the down projection read
     tl.store(h_ptr + rows64[:, None] * stride_hm + cols[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)

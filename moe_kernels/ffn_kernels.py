@@ -373,7 +373,7 @@ def launch_act_backward(
     w_t = w_out.transpose(1, 2)  # [E, d, f], a view: dh = dy_perm @ w_out^T
     grid, meta, cfg = _launch_args("act_backward", dy, r, f, e, d, config)
     desc = b_descriptor(w_t, cfg)  # w_t = w_out^T: the descriptor of w_out, tiles transposed in the kernel
-    # one partial sum of ds per column tile, summed below in a fixed order
+    # one partial sum of ds per half column tile (ffn_epilogues.act_backward_halves), summed below in a fixed order
     ds_parts = (
         None
         if ds is None

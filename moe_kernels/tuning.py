@@ -10,7 +10,7 @@ A configuration is chosen per launch by (kernel kind, dtype class, shape class):
                  "act_backward"  the expert FFN's dh GEMM with the activation's backward in its
                               epilogue, which loads z's tiles and holds several fp32 tiles: its
                               registers run out at tiles a plain row GEMM fills well (128 x 256
-                              spills on sm_90 even in halves; see ffn_kernels.column_halves)
+                              spills on sm_90 even in halves; see ffn_epilogues.py)
                  "dw"         weight gradients: one program per (group, K tile, N tile),
                               BLOCK_M rows reduced per step, a BLOCK_K x BLOCK_N output tile
     dtype class  "16bit" (fp16, bf16) or "fp32"
