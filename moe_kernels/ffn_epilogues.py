@@ -9,7 +9,7 @@ BLOCK_M rows x BLOCK_N hidden columns; s [R] = routing weights (moe_ffn; none: s
 
 Why halves: an activation epilogue holds several fp32 tiles at once (the accumulators, z's
 tiles, their products). Built whole for sm_90, the dh kernel's 128 x 256 tile (8 warps)
-spilled 8,772 bytes per thread to local memory and its 128 x 128 tile 2,040; in halves, 1,572
+spilled 8,772 bytes per thread to local memory and its 128 x 128 tile 2,040; in halves, 1,768
 and 0 (ptxas -v, as tests/kernels/test_sm90_build.py reads it; the up kernel's gelu tile went
 from 1,260 to 0). On a Hopper accumulator the split moves no data (each thread holds columns of
 both halves): the compiler finishes one half before it needs registers for the other, and
@@ -126,19 +126,21 @@ def act_backward_halves(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """act_backward_epilogue on the two column halves of column tile `tile_n` (see column_halves);
-    ds gets one partial sum per half, in slots 2 tile_n and 2 tile_n + 1."""
+    """act_backward_epilogue on the two column halves of column tile `tile_n` (see column_halves),
+    then the tile's share of ds (both halves' sums) into row tile_n of ds's partial sums."""
     left, right = column_halves(dh, BLOCK_M, BLOCK_N)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-    act_backward_epilogue(
-        left, rows, row_mask, cols, cols < F, 2 * tile_n, z_ptr, dz_ptr, h_ptr, row_weight_ptr, ds_ptr, R, F,
+    ds_left = act_backward_epilogue(
+        left, rows, row_mask, cols, cols < F, z_ptr, dz_ptr, h_ptr, row_weight_ptr, F,
         stride_zm, stride_zn, stride_dzm, stride_dzn, stride_hm, stride_hn, ACTIVATION, BLOCK_M,
     )  # fmt: skip
     cols += BLOCK_N // 2
-    act_backward_epilogue(
-        right, rows, row_mask, cols, cols < F, 2 * tile_n + 1, z_ptr, dz_ptr, h_ptr, row_weight_ptr, ds_ptr, R, F,
+    ds_right = act_backward_epilogue(
+        right, rows, row_mask, cols, cols < F, z_ptr, dz_ptr, h_ptr, row_weight_ptr, F,
         stride_zm, stride_zn, stride_dzm, stride_dzn, stride_hm, stride_hn, ACTIVATION, BLOCK_M,
     )  # fmt: skip
+    if ds_ptr is not None:  # without it the sums are dead code, dropped by the compiler
+        tl.store(ds_ptr + tile_n.to(tl.int64) * R + rows.to(tl.int64), ds_left + ds_right, mask=row_mask)
 
 
 @triton.jit
@@ -148,13 +150,10 @@ def act_backward_epilogue(
     row_mask,
     cols,
     col_mask,
-    ds_slot,
     z_ptr,
     dz_ptr,
     h_ptr,
     row_weight_ptr,
-    ds_ptr,
-    R,
     F,
     stride_zm,
     stride_zn,
@@ -165,8 +164,8 @@ def act_backward_epilogue(
     ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """dz, h = s * act(z) and this tile's share of ds (row ds_slot of ds's partial sums) of one tile,
-    from dh and the saved z."""
+    """dz and h = s * act(z) of one tile, from dh and the saved z; returns the tile's share of
+    ds[r] = <dh[r], act(z[r])> (unweighted), one value per row."""
     rows64 = rows.to(tl.int64)
     mask = row_mask[:, None] & col_mask[None, :]
     z_ptrs = z_ptr + rows64[:, None] * stride_zm + cols[None, :] * stride_zn
@@ -184,7 +183,7 @@ def act_backward_epilogue(
     else:
         dz, h = gelu_backward(z, dh * weight[:, None])
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-    if ds_ptr is not None:  # this tile's share of ds[r] = <dh[r], act(z[r])>, unweighted
-        tl.store(ds_ptr + ds_slot.to(tl.int64) * R + rows64, tl.sum(dh * h, axis=1), mask=row_mask)
+    ds_part = tl.sum(dh * h, axis=1)
     h *= weight[:, None]  # dW_out needs the weighted h the down projection read
     tl.store(h_ptr + rows64[:, None] * stride_hm + cols[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
+    return ds_part

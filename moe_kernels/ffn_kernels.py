@@ -21,8 +21,8 @@ Both tile (R, f): for swiglu, a program owns hidden columns [n0, n0 + BLOCK_N)
 of the gate *and* of the up half (columns f + n0...), so the activation is
 elementwise within the tile. The up kernel then carries two accumulators that
 share each A tile (one load of x for two products). A program sees BLOCK_N of the f
-columns and runs its epilogue on each half of them (ffn_epilogues.py), so ds comes out as one
-partial sum per half tile, [2 cdiv(f, BLOCK_N), R] in fp32, which the launcher sums in a fixed
+columns (and runs its epilogue on each half of them: ffn_epilogues.py), so ds comes out as one
+partial sum per column tile, [cdiv(f, BLOCK_N), R] in fp32, which the launcher sums in a fixed
 order (no atomics: deterministic).
 
 What fusion saves: the gathered x[row_token] [R, d] and dy[dy_rows] [R, d]
@@ -373,11 +373,9 @@ def launch_act_backward(
     w_t = w_out.transpose(1, 2)  # [E, d, f], a view: dh = dy_perm @ w_out^T
     grid, meta, cfg = _launch_args("act_backward", dy, r, f, e, d, config)
     desc = b_descriptor(w_t, cfg)  # w_t = w_out^T: the descriptor of w_out, tiles transposed in the kernel
-    # one partial sum of ds per half column tile (ffn_epilogues.act_backward_halves), summed below in a fixed order
+    # one partial sum of ds per column tile, summed below in a fixed order
     ds_parts = (
-        None
-        if ds is None
-        else torch.empty(2 * triton.cdiv(f, meta["BLOCK_N"]), r, device=dy.device, dtype=torch.float32)
+        None if ds is None else torch.empty(triton.cdiv(f, meta["BLOCK_N"]), r, device=dy.device, dtype=torch.float32)
     )
     ffn_act_backward_kernel[grid](
         dy,
